@@ -1,0 +1,1 @@
+"""The site agent: local pipeline, gallery SDK and the Flower client app."""

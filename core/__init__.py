@@ -1,0 +1,1 @@
+"""Inference-only face pipeline: decode, detect, align, quality, liveness, embed."""

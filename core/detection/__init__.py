@@ -1,0 +1,1 @@
+"""Face detectors behind one interface, and non-maximum suppression."""

@@ -1,0 +1,1 @@
+"""Presentation attack detection: silent cues and an interactive challenge."""

@@ -1,0 +1,1 @@
+"""PyTorch networks, their weights, margin heads, ONNX export and the model registry."""

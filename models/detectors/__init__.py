@@ -1,0 +1,1 @@
+"""Face detectors whose networks are defined here in PyTorch (RetinaFace, MTCNN)."""

@@ -1,0 +1,1 @@
+"""Template protection, envelope encryption, homomorphic matching and DP accounting."""

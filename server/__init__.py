@@ -1,0 +1,1 @@
+"""The central service: gallery API, database, audit log and federated training."""

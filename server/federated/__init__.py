@@ -1,0 +1,1 @@
+"""Federated fine-tuning: the Flower server app, run management and model versions."""
