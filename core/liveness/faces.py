@@ -1,0 +1,84 @@
+"""Finding the face a liveness command checks, through the project's detectors."""
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from facefed.core.errors import ModelError, NoFaceError
+from facefed.core.settings import get_core_settings
+from facefed.core.types import Face, ImageArray
+
+logger = logging.getLogger(__name__)
+
+
+class FaceFinder(Protocol):
+    """Anything with the `FaceDetector.detect` method of core.detection."""
+
+    def detect(self, image: ImageArray) -> list[Face]:
+        """Return the faces in an RGB image, best first."""
+        ...
+
+
+class _OpenCVYuNet:
+    """OpenCV's YuNet on the shared model file.
+
+    FIXME: this stands in for `create_detector("yunet")` only while
+    core.detection.registry is missing from the tree; it needs the shared data
+    set, so an installed package without it cannot use this path.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import cv2
+
+        self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), 0.6, 0.3)
+
+    def detect(self, image: ImageArray) -> list[Face]:
+        """Return YuNet's faces in an RGB image, best first."""
+        height, width = image.shape[:2]
+        self._net.setInputSize((width, height))
+        _, rows = self._net.detect(np.ascontiguousarray(image[..., ::-1]))
+        faces = []
+        for row in [] if rows is None else rows:
+            x, y, w, h = (float(v) for v in row[:4])
+            box = np.array([x, y, x + w, y + h], np.float32)
+            points = np.asarray(row[4:14], np.float32).reshape(5, 2)
+            faces.append(Face(box=box, score=float(row[14]), landmarks=points))
+        return sorted(faces, key=lambda face: face.score, reverse=True)
+
+
+def default_face_finder() -> FaceFinder:
+    """Return the configured detector (`FACEFED_DETECTOR`, default YuNet)."""
+    try:
+        from facefed.core.detection.registry import create_detector
+    except ImportError:
+        shared = Path(os.environ.get("FACEFED_SHARED_DATA", "/work/shared/data"))
+        path = shared / "models" / "yunet" / "yunet_n_dynamic.onnx"
+        if not path.is_file():
+            raise ModelError(
+                f"No face detector is available: core.detection is not installed "
+                f"and the YuNet file {path} does not exist."
+            ) from None
+        logger.debug("core.detection is absent; using OpenCV YuNet at %s", path)
+        return _OpenCVYuNet(path)
+    return create_detector(get_core_settings().detector)
+
+
+def largest_face(finder: FaceFinder, image: ImageArray) -> Face:
+    """Return the largest face the finder sees in the image.
+
+    Raises:
+        NoFaceError: If there is none.
+    """
+    faces = finder.detect(image)
+    if not faces:
+        raise NoFaceError("No face was found in the image.")
+    return max(faces, key=lambda face: face.width * face.height)
+
+
+def whole_image_face(image: ImageArray) -> Face:
+    """A face whose box is the whole image, for tight face crops."""
+    height, width = image.shape[:2]
+    return Face(box=np.array([0, 0, width, height], np.float32), score=1.0)
