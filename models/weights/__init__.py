@@ -1,0 +1,1 @@
+"""Model weights shipped with facefed; each folder's SOURCE.md gives origin, licence."""

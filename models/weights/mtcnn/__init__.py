@@ -1,0 +1,1 @@
+"""MTCNN P-Net, R-Net and O-Net weights (see SOURCE.md)."""

@@ -1,0 +1,1 @@
+"""RetinaFace MobileNet-0.25 weights (see SOURCE.md)."""
