@@ -1,7 +1,224 @@
-"""Commands this part adds to `facefed`."""
+"""Site agent commands: `facefed site ...`, `facefed subject ...`, `facefed demo`.
+
+Every command reads the server URL and the site's API key from
+`FACEFED_SERVER_URL` and `FACEFED_API_KEY` (or `FACEFED_API_KEY_FILE`); the
+key is never printed. Heavy modules load inside the commands.
+"""
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from facefed.client.agent import SiteAgent
+    from facefed.client.gallery import GalleryClient
+    from facefed.client.registry import SiteRegistry
+
+console = Console()
+
+site_app = typer.Typer(
+    help="Site operator: enroll, identify, verify, erase via the local pipeline.",
+    no_args_is_help=True,
+)
+subject_app = typer.Typer(
+    help="Data subject: see and erase your own data with your subject token.",
+    no_args_is_help=True,
+)
+
+
+def _client() -> "GalleryClient":
+    from facefed.client.gallery import GalleryClient
+
+    return GalleryClient.from_settings()
+
+
+def _agent(*, with_pipeline: bool = True) -> "SiteAgent":
+    from facefed.client.agent import SiteAgent
+    from facefed.client.settings import get_client_settings
+
+    settings = get_client_settings()
+    pipeline = None
+    if with_pipeline:
+        from facefed.models.zoo import default_pipeline
+
+        pipeline = default_pipeline(liveness=settings.liveness)
+    training_dir = settings.resolved_site_dir / "training"
+    data_store = None
+    if training_dir.is_dir():
+        from facefed.client.federated.store import SiteDataStore
+
+        data_store = SiteDataStore(training_dir)
+    return SiteAgent(
+        _client(),
+        pipeline,
+        data_store=data_store,
+        check_liveness=settings.liveness,
+    )
+
+
+def _registry() -> "SiteRegistry":
+    from facefed.client.registry import SiteRegistry
+    from facefed.client.settings import get_client_settings
+
+    return SiteRegistry(get_client_settings().resolved_site_dir)
+
+
+@site_app.command("enroll")
+def enroll(
+    images: Annotated[list[Path], typer.Argument(help="Photos of one person.")],
+    subject_ref: Annotated[
+        str, typer.Option(help="The site's reference for the person.")
+    ],
+    consent: Annotated[Path, typer.Option(help="Consent record, JSON or YAML.")],
+    receipt_out: Annotated[
+        Path | None,
+        typer.Option(help="Write the receipt, with the subject token, to this file."),
+    ] = None,
+) -> None:
+    """Enroll one person from one or more photos, with their consent record."""
+    from facefed.client.consent import load_consent
+
+    record = load_consent(consent)
+    agent = _agent()
+    with console.status("Running the local pipeline and enrolling..."):
+        receipt = agent.enroll(images, subject_ref=subject_ref, consent=record)
+    _registry().record(receipt.subject_id, subject_ref)
+    console.print(
+        f"enrolled subject [bold]{receipt.subject_id}[/bold] "
+        f"({receipt.template_count} template(s))"
+    )
+    if receipt_out is not None:
+        receipt_out.write_text(json.dumps(receipt.raw, indent=2), encoding="utf-8")
+        receipt_out.chmod(0o600)
+        console.print(f"receipt with the subject token written to {receipt_out}")
+    else:
+        console.print(
+            "subject token (give it to the person; it is shown only once): "
+            f"{receipt.subject_token}"
+        )
+
+
+@site_app.command("identify")
+def identify(
+    image: Annotated[Path, typer.Argument(help="Probe photo.")],
+    top_k: Annotated[int, typer.Option(min=1, help="Candidates to list.")] = 5,
+) -> None:
+    """Search the gallery for the person in a photo (1:N)."""
+    agent = _agent()
+    result = agent.identify(image, top_k=top_k)
+    for rank, candidate in enumerate(result.candidates, start=1):
+        console.print(f"{rank}. {candidate.subject_id}  score {candidate.score:.3f}")
+    if result.match is None:
+        console.print(f"no match (threshold {result.threshold:.3f})")
+    else:
+        console.print(
+            f"match: [bold]{result.match.subject_id}[/bold] "
+            f"(score {result.match.score:.3f} >= {result.threshold:.3f})"
+        )
+
+
+@site_app.command("verify")
+def verify(
+    image: Annotated[Path, typer.Argument(help="Probe photo.")],
+    subject: Annotated[str, typer.Option(help="The claimed subject id.")],
+) -> None:
+    """Check a photo against one enrolled subject (1:1); exits 1 on no match."""
+    result = _agent().verify(image, subject_id=subject)
+    verdict = "match" if result.match else "no match"
+    console.print(
+        f"{verdict}: score {result.score:.3f} (threshold {result.threshold:.3f})"
+    )
+    if not result.match:
+        raise typer.Exit(1)
+
+
+@site_app.command("erase")
+def erase(
+    subject_id: Annotated[str, typer.Argument(help="Subject id to erase.")],
+    subject_ref: Annotated[
+        str | None,
+        typer.Option(
+            help="The site's reference (looked up in the site folder when omitted)."
+        ),
+    ] = None,
+) -> None:
+    """Erase a subject this site enrolled, on the server and in local training data."""
+    registry = _registry()
+    agent = _agent(with_pipeline=False)
+    receipt = agent.erase(
+        subject_id, subject_ref=subject_ref or registry.ref_of(subject_id)
+    )
+    registry.remove(subject_id)
+    console.print_json(json.dumps(receipt))
+
+
+def _token(token_file: Path) -> str:
+    from facefed.core.errors import ConfigurationError
+
+    try:
+        text = token_file.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ConfigurationError(
+            f"Cannot read the token file {token_file}: {error}."
+        ) from error
+    if text.startswith("{"):
+        text = str(json.loads(text).get("subject_token", ""))
+    if not text:
+        raise ConfigurationError(f"The token file {token_file} holds no subject token.")
+    return text
+
+
+@subject_app.command("export")
+def subject_export(
+    subject_id: Annotated[str, typer.Argument(help="Your subject id.")],
+    token_file: Annotated[
+        Path,
+        typer.Option(help="File with your subject token (or the enrollment receipt)."),
+    ],
+) -> None:
+    """Print everything the server holds about you, as JSON (GDPR Art. 15)."""
+    with _client() as client:
+        console.print_json(
+            json.dumps(client.export(subject_id, subject_token=_token(token_file)))
+        )
+
+
+@subject_app.command("erase")
+def subject_erase(
+    subject_id: Annotated[str, typer.Argument(help="Your subject id.")],
+    token_file: Annotated[
+        Path,
+        typer.Option(help="File with your subject token (or the enrollment receipt)."),
+    ],
+) -> None:
+    """Erase yourself from the gallery (GDPR Art. 17); prints the signed receipt."""
+    with _client() as client:
+        receipt = client.erase(subject_id, subject_token=_token(token_file))
+    console.print_json(json.dumps(receipt))
+
+
+def demo(
+    output: Annotated[Path, typer.Option(help="Folder for the report.")] = Path(
+        "demo-output"
+    ),
+    people_per_site: Annotated[
+        int, typer.Option(min=3, help="People each site enrolls.")
+    ] = 20,
+    fast: Annotated[
+        bool, typer.Option(help="A smaller, quicker run (tests use it).")
+    ] = False,
+) -> None:
+    """Run the whole platform on real faces and write a report."""
+    from facefed.client.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(output=output, people_per_site=people_per_site, fast=fast))
 
 
 def register(app: typer.Typer, eval_app: typer.Typer) -> None:
-    """Add this part's commands to the root app and the `eval` group."""
+    """Add `facefed site`, `facefed subject` and `facefed demo`."""
+    app.add_typer(site_app, name="site")
+    app.add_typer(subject_app, name="subject")
+    app.command("demo")(demo)

@@ -6,6 +6,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from facefed.core.errors import ConfigurationError
+from facefed.core.settings import get_core_settings
+
 
 class ClientSettings(BaseSettings):
     """How a site agent reaches the gallery server and where it keeps its state.
@@ -13,6 +16,8 @@ class ClientSettings(BaseSettings):
     Attributes:
         server_url: Base URL of the facefed server (the `/v1` prefix is added).
         api_key: The site's API key; a secret, never printed or logged.
+        api_key_file: File holding the API key (preferred over `api_key` where
+            secrets are mounted as files, as in Kubernetes).
         site_dir: Folder of this site's local state (config, receipts, training
             data); defaults to `FACEFED_HOME/site`.
         collection: Gallery collection the site enrolls into and searches.
@@ -31,6 +36,7 @@ class ClientSettings(BaseSettings):
 
     server_url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
+    api_key_file: Path | None = None
     site_dir: Path | None = None
     collection: str = "default"
     timeout_s: float = Field(default=30.0, gt=0)
@@ -39,6 +45,31 @@ class ClientSettings(BaseSettings):
     backoff_max_s: float = Field(default=8.0, ge=0)
     ca_file: Path | None = None
     liveness: bool = True
+
+    def resolved_api_key(self) -> str | None:
+        """The API key from `api_key_file` when set, else from `api_key`.
+
+        Raises:
+            ConfigurationError: The key file cannot be read or is empty.
+        """
+        if self.api_key_file is not None:
+            try:
+                key = self.api_key_file.read_text(encoding="utf-8").strip()
+            except OSError as error:
+                raise ConfigurationError(
+                    f"Cannot read the API key file {self.api_key_file}: {error}."
+                ) from error
+            if not key:
+                raise ConfigurationError(
+                    f"The API key file {self.api_key_file} is empty."
+                )
+            return key
+        return self.api_key.get_secret_value() if self.api_key else None
+
+    @property
+    def resolved_site_dir(self) -> Path:
+        """The site folder, defaulting to `FACEFED_HOME/site`."""
+        return self.site_dir or get_core_settings().home / "site"
 
 
 @lru_cache(maxsize=1)

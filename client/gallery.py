@@ -1,0 +1,330 @@
+"""Python SDK of the gallery server: enroll, identify, verify, export, erase.
+
+`GalleryClient` speaks the server's `/v1` REST API and carries only protected
+templates (`facefed.privacy.templates.ProtectedTemplate`), never images or raw
+embeddings. Enrollment sends an `Idempotency-Key` header so that a request
+retried after a lost answer returns the first enrollment instead of making a
+second subject.
+"""
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from facefed.client.consent import ConsentRecord
+from facefed.client.settings import ClientSettings, get_client_settings
+from facefed.client.transport import IDEMPOTENCY_HEADER, RetryPolicy, Transport
+from facefed.core.errors import ServiceError
+from facefed.privacy.protection import ProtectionKey
+from facefed.privacy.templates import ProtectedTemplate
+
+logger = logging.getLogger(__name__)
+
+SUBJECT_TOKEN_HEADER = "X-Subject-Token"  # noqa: S105 (a header name, not a secret)
+
+
+@dataclass(frozen=True)
+class EnrollmentReceipt:
+    """What the server answers to an enrollment.
+
+    Attributes:
+        subject_id: The server's random id of the new subject.
+        subject_token: The data subject's own credential, shown once: hand it
+            to the person; it lets them export and erase their data.
+        template_count: Templates stored for the subject.
+        raw: The whole answer, for display.
+    """
+
+    subject_id: str
+    subject_token: str = field(repr=False)
+    template_count: int
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One gallery subject returned by a search.
+
+    Attributes:
+        subject_id: Subject id.
+        score: Similarity score (cosine for float templates).
+        subject_ref: The enrolling site's reference, when the caller may see it.
+    """
+
+    subject_id: str
+    score: float
+    subject_ref: str | None = None
+
+
+@dataclass(frozen=True)
+class IdentifyResult:
+    """Answer of a 1:N search.
+
+    Attributes:
+        candidates: Best candidates first (at most top-k).
+        threshold: The decision threshold the server applied.
+        match: The best candidate when its score reaches the threshold.
+    """
+
+    candidates: list[Candidate]
+    threshold: float
+    match: Candidate | None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Answer of a 1:1 comparison.
+
+    Attributes:
+        subject_id: The claimed subject.
+        score: Best similarity between the probe and the subject's templates.
+        threshold: The decision threshold the server applied.
+        match: Whether the score reaches the threshold.
+    """
+
+    subject_id: str
+    score: float
+    threshold: float
+    match: bool
+
+
+def new_idempotency_key() -> str:
+    """A fresh random idempotency key (128 bits, URL-safe)."""
+    return secrets.token_urlsafe(16)
+
+
+class GalleryClient:
+    """Client of one gallery server, authenticated as one site (or admin).
+
+    Args:
+        transport: The HTTP layer (see `GalleryClient.from_settings`).
+        collection: Gallery collection to enroll into and search.
+    """
+
+    def __init__(self, transport: Transport, *, collection: str = "default") -> None:
+        self._transport = transport
+        self.collection = collection
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: ClientSettings | None = None,
+        *,
+        api_key: str | None = None,
+        rng: np.random.Generator | None = None,
+        http: httpx.Client | None = None,
+    ) -> "GalleryClient":
+        """Build a client from `FACEFED_*` settings.
+
+        Args:
+            settings: Settings to use; read from the environment when None.
+            api_key: Overrides the settings' key (admin tools pass their own).
+            rng: Jitter source of the retry backoff; a fresh OS-seeded
+                generator when None.
+            http: A prepared httpx client (tests pass one bound to an app).
+        """
+        settings = settings or get_client_settings()
+        key = api_key or settings.resolved_api_key()
+        verify: bool | str = str(settings.ca_file) if settings.ca_file else True
+        transport = Transport(
+            settings.server_url,
+            api_key=key,
+            policy=RetryPolicy(
+                max_attempts=settings.max_attempts,
+                base_delay_s=settings.backoff_base_s,
+                max_delay_s=settings.backoff_max_s,
+            ),
+            rng=rng or np.random.default_rng(),
+            timeout_s=settings.timeout_s,
+            verify=verify,
+            http=http,
+        )
+        return cls(transport, collection=settings.collection)
+
+    def close(self) -> None:
+        """Close the underlying connections."""
+        self._transport.close()
+
+    def __enter__(self) -> "GalleryClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- keys ------------------------------------------------------------------
+
+    def protection_key(self) -> ProtectionKey:
+        """The site's current template-protection key, from the key service."""
+        body = self._transport.request("GET", "/keys/protection", retry=True)
+        return ProtectionKey.from_dict(body)
+
+    # -- enrollment ------------------------------------------------------------
+
+    def enroll(
+        self,
+        templates: list[ProtectedTemplate],
+        *,
+        subject_ref: str,
+        consent: ConsentRecord,
+        idempotency_key: str | None = None,
+    ) -> EnrollmentReceipt:
+        """Enroll a new subject with their consent record and templates.
+
+        Args:
+            templates: One or more protected templates of the same person.
+            subject_ref: The site's own reference for the person.
+            consent: The consent record the enrollment rests on.
+            idempotency_key: Reuse it to retry the same enrollment; a fresh
+                one is drawn when None. Retries inside this call reuse it.
+
+        Returns:
+            The receipt, with the subject token to hand to the person.
+        """
+        if not templates:
+            raise ValueError("An enrollment needs at least one template, got none.")
+        key = idempotency_key or new_idempotency_key()
+        body = self._transport.request(
+            "POST",
+            "/subjects",
+            json={
+                "collection": self.collection,
+                "external_ref": subject_ref,
+                "consent": consent.to_wire(),
+                "templates": [template.to_wire() for template in templates],
+            },
+            headers={IDEMPOTENCY_HEADER: key},
+            retry=True,
+        )
+        return _receipt(body)
+
+    def add_templates(
+        self,
+        subject_id: str,
+        templates: list[ProtectedTemplate],
+        *,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Add templates to an enrolled subject; returns how many it now holds."""
+        key = idempotency_key or new_idempotency_key()
+        body = self._transport.request(
+            "POST",
+            f"/subjects/{subject_id}/templates",
+            json={"templates": [template.to_wire() for template in templates]},
+            headers={IDEMPOTENCY_HEADER: key},
+            retry=True,
+        )
+        return int(body["template_count"])
+
+    # -- matching --------------------------------------------------------------
+
+    def identify(
+        self,
+        template: ProtectedTemplate,
+        *,
+        top_k: int = 5,
+        threshold: float | None = None,
+    ) -> IdentifyResult:
+        """Search the collection for the subjects closest to a probe (1:N)."""
+        payload: dict[str, Any] = {
+            "collection": self.collection,
+            "template": template.to_wire(),
+            "top_k": top_k,
+        }
+        if threshold is not None:
+            payload["threshold"] = threshold
+        body = self._transport.request("POST", "/identify", json=payload, retry=True)
+        return _identify_result(body)
+
+    def verify(
+        self,
+        template: ProtectedTemplate,
+        *,
+        subject_id: str,
+        threshold: float | None = None,
+    ) -> VerifyResult:
+        """Compare a probe with one enrolled subject (1:1)."""
+        payload: dict[str, Any] = {
+            "subject_id": subject_id,
+            "template": template.to_wire(),
+        }
+        if threshold is not None:
+            payload["threshold"] = threshold
+        body = self._transport.request("POST", "/verify", json=payload, retry=True)
+        return VerifyResult(
+            subject_id=str(body["subject_id"]),
+            score=float(body["score"]),
+            threshold=float(body["threshold"]),
+            match=bool(body["match"]),
+        )
+
+    # -- data subject rights ---------------------------------------------------
+
+    def export(self, subject_id: str, *, subject_token: str) -> dict[str, Any]:
+        """Everything the server holds about a subject (GDPR Art. 15)."""
+        body = self._transport.request(
+            "GET",
+            f"/subjects/{subject_id}/export",
+            headers={SUBJECT_TOKEN_HEADER: subject_token},
+            retry=True,
+        )
+        return dict(body)
+
+    def erase(
+        self, subject_id: str, *, subject_token: str | None = None
+    ) -> dict[str, Any]:
+        """Erase a subject (GDPR Art. 17), as the enrolling site or as the subject.
+
+        Returns:
+            The server's signed erasure receipt.
+        """
+        headers = {SUBJECT_TOKEN_HEADER: subject_token} if subject_token else None
+        body = self._transport.request(
+            "DELETE", f"/subjects/{subject_id}", headers=headers, retry=False
+        )
+        return dict(body)
+
+    # -- audit -----------------------------------------------------------------
+
+    def report_refusal(self, *, stage: str, reasons: list[str]) -> None:
+        """Tell the server's audit log that the site refused a capture.
+
+        Only the stage and the reasons are sent (no image, no template, no
+        subject reference), so the audit log counts refusals without holding
+        personal data.
+        """
+        self._transport.request(
+            "POST",
+            "/audit/refusals",
+            json={"stage": stage, "reasons": reasons},
+            retry=True,
+        )
+
+
+def _receipt(body: Any) -> EnrollmentReceipt:
+    if not isinstance(body, dict) or "subject_id" not in body:
+        raise ServiceError(f"The server's enrollment answer is malformed: {body!r}.")
+    return EnrollmentReceipt(
+        subject_id=str(body["subject_id"]),
+        subject_token=str(body.get("subject_token", "")),
+        template_count=int(body.get("template_count", 0)),
+        raw=body,
+    )
+
+
+def _identify_result(body: Any) -> IdentifyResult:
+    candidates = [
+        Candidate(
+            subject_id=str(item["subject_id"]),
+            score=float(item["score"]),
+            subject_ref=item.get("external_ref"),
+        )
+        for item in body["candidates"]
+    ]
+    threshold = float(body["threshold"])
+    best = candidates[0] if candidates else None
+    match = best if best is not None and best.score >= threshold else None
+    return IdentifyResult(candidates=candidates, threshold=threshold, match=match)

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Brings facefed's whole topology up on this machine, without containers, all
+# on 127.0.0.1: PostgreSQL, the gallery server, a Flower SuperLink, and two
+# sites (a site folder with its settings, plus a SuperNode each).
+#
+#   deploy/local/up.sh [STATE_DIR]      # default: ./facefed-local
+#   source STATE_DIR/env.sh             # FACEFED_SERVER_URL, admin key file, ...
+#   FACEFED_SITE_DIR=... facefed site enroll ...  (see STATE_DIR/site-a/env.sh)
+#   deploy/local/down.sh [STATE_DIR]    # stops everything up.sh started
+#
+# PostgreSQL: FACEFED_DATABASE_URL when set (an existing server; the database
+# must exist), else a throwaway cluster made with Debian's PostgreSQL binaries
+# under STATE_DIR. Every wait is bounded; on any failure up.sh stops what it
+# started and exits non-zero. Process ids go to STATE_DIR/pids/, logs to
+# STATE_DIR/logs/.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+state=$(mkdir -p "${1:-./facefed-local}" && cd "${1:-./facefed-local}" && pwd)
+python=${FACEFED_PYTHON:-$repo/.venv/bin/python}
+bin_dir=$(dirname "$python")
+wait_s=${FACEFED_UP_TIMEOUT_S:-120}
+
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0
+mkdir -p "$state/pids" "$state/logs"
+
+log() { printf '[up] %s\n' "$*" >&2; }
+
+on_error() {
+  log "failed; stopping what was started (logs in $state/logs)"
+  "$here/down.sh" "$state" || true
+  exit 1
+}
+trap on_error ERR
+
+facefed() { "$python" -c "from facefed.core.cli import main; main()" "$@"; }
+
+free_port() {
+  "$python" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"
+}
+
+# Starts a background process in its own process group (so that down.sh also
+# stops the children it forks, such as Flower's app processes); its pid, which
+# is also the group id, goes to pids/NAME.
+spawn() {
+  local name=$1
+  shift
+  setsid "$@" >"$state/logs/$name.log" 2>&1 &
+  echo $! >"$state/pids/$name"
+}
+
+# Waits (bounded) until a TCP port on 127.0.0.1 accepts connections.
+wait_port() {
+  local name=$1 port=$2 deadline=$((SECONDS + wait_s))
+  until "$python" -c "import socket,sys; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null; do
+    if ! kill -0 "$(cat "$state/pids/$name")" 2>/dev/null; then
+      log "$name exited; end of its log:"; tail -n 20 "$state/logs/$name.log" >&2; return 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then log "$name not up after ${wait_s}s"; return 1; fi
+    sleep 0.3
+  done
+}
+
+# -- PostgreSQL ------------------------------------------------------------------
+if [ -n "${FACEFED_DATABASE_URL:-}" ]; then
+  database_url=$FACEFED_DATABASE_URL
+  log "using the PostgreSQL at FACEFED_DATABASE_URL"
+else
+  pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$pg_bin" ]; then
+    log "no FACEFED_DATABASE_URL and no PostgreSQL binaries (Debian package 'postgresql')"
+    exit 1
+  fi
+  pg_port=$(free_port)
+  as_user=()
+  if [ "$(id -u)" = "0" ]; then as_user=(runuser -u postgres --); fi
+  mkdir -p "$state/pg"
+  chmod 777 "$state/pg"
+  chown postgres "$state/pg" 2>/dev/null || true
+  "${as_user[@]}" "$pg_bin/initdb" -D "$state/pg/data" -U postgres --auth=trust >"$state/logs/initdb.log" 2>&1
+  "${as_user[@]}" "$pg_bin/pg_ctl" -D "$state/pg/data" -l "$state/logs/postgres.log" \
+    -o "-h 127.0.0.1 -p $pg_port -k $state/pg" -w -t "$wait_s" start >/dev/null
+  echo "$pg_bin" >"$state/pids/postgres.bin"
+  "$pg_bin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres facefed
+  database_url="postgresql+psycopg://postgres@127.0.0.1:$pg_port/facefed"
+  log "PostgreSQL on 127.0.0.1:$pg_port"
+fi
+
+# -- the gallery server ------------------------------------------------------------
+server_home="$state/server"
+mkdir -p "$server_home"
+umask 077
+"$python" -c "import base64, secrets; print(base64.b64encode(secrets.token_bytes(32)).decode())" \
+  >"$server_home/master.key"
+umask 022
+server_port=$(free_port)
+server_url="http://127.0.0.1:$server_port"
+export_server_env() {
+  export FACEFED_HOME="$server_home" FACEFED_DATABASE_URL="$database_url" \
+    FACEFED_MASTER_KEY_FILE="$server_home/master.key"
+}
+(export_server_env; spawn server "$python" -c "from facefed.core.cli import main; main()" serve --host 127.0.0.1 --port "$server_port")
+wait_port server "$server_port"
+log "gallery server at $server_url"
+
+# An admin key, and one site with its own key per site folder. Keys go to files
+# readable by this user only; they are never printed.
+(export_server_env; facefed admin create-key --role admin --name local-admin \
+  --output "$state/admin.key") >"$state/logs/bootstrap.log" 2>&1
+for site in site-a site-b; do
+  mkdir -p "$state/$site/training"
+  (export_server_env; facefed admin create-site "$site" --output "$state/$site/api.key") \
+    >>"$state/logs/bootstrap.log" 2>&1
+  cat >"$state/$site/env.sh" <<ENV
+export FACEFED_SERVER_URL=$server_url
+export FACEFED_API_KEY_FILE=$state/$site/api.key
+export FACEFED_SITE_DIR=$state/$site
+export FACEFED_HOME=$state/$site/home
+ENV
+done
+
+# -- Flower: one SuperLink, a SuperNode per site ----------------------------------
+link_port=$(free_port)
+spawn superlink "$bin_dir/flower-superlink" --insecure --host 127.0.0.1 --port "$link_port" \
+  --disable-runtime-dependency-installation --database "$state/superlink.db"
+wait_port superlink "$link_port"
+node=0
+for site in site-a site-b; do
+  node_port=$(free_port)
+  spawn "supernode-$site" "$bin_dir/flower-supernode" --insecure \
+    --superlink "127.0.0.1:$link_port" --host 127.0.0.1 --port "$node_port" \
+    --max-wait-time "$wait_s" \
+    --node-config "site-id=\"$site\" data-dir=\"$state/$site/training\" partition-id=$node"
+  wait_port "supernode-$site" "$node_port"
+  node=$((node + 1))
+done
+log "Flower SuperLink at 127.0.0.1:$link_port with 2 SuperNodes"
+
+cat >"$state/env.sh" <<ENV
+export FACEFED_SERVER_URL=$server_url
+export FACEFED_LOCAL_DATABASE_URL=$database_url
+export FACEFED_LOCAL_ADMIN_KEY_FILE=$state/admin.key
+export FACEFED_LOCAL_SUPERLINK=127.0.0.1:$link_port
+export FACEFED_LOCAL_STATE=$state
+ENV
+log "up; source $state/env.sh (down: $here/down.sh $state)"
