@@ -72,7 +72,7 @@ def test_the_deploy_folder_has_the_promised_files():
         "local/down.sh",
     ):
         assert (DEPLOY / name).is_file(), name
-    kinds = {doc["kind"] for path in YAML_FILES for doc in _documents(path)}
+    kinds = {doc.get("kind") for path in YAML_FILES for doc in _documents(path)}
     assert {"Deployment", "Service", "Secret", "ConfigMap"} <= kinds
 
 
