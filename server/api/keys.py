@@ -1,0 +1,46 @@
+"""The key service as sites see it: the protection key of a collection."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from facefed.server.api.deps import KeyHolder, Service
+from facefed.server.api.schemas import CollectionPublic, ProtectionKeySecret
+
+router = APIRouter(tags=["keys"])
+
+
+@router.get("/keys/protection", response_model=ProtectionKeySecret)
+def protection_key(
+    service: Service,
+    caller: KeyHolder,
+    collection: Annotated[str, Query(max_length=64)] = "default",
+    scheme: Annotated[str | None, Query(max_length=64)] = None,
+    version: Annotated[int | None, Query(ge=1)] = None,
+) -> ProtectionKeySecret:
+    """The protection key a collection's templates are made with (site key).
+
+    With `scheme` (and optionally `version`) instead: that scheme's newest (or
+    given) key, e.g. for an admin computing a rotation transform.
+    """
+    key = service.protection_key(
+        caller, collection_id=collection, scheme=scheme, version=version
+    )
+    return ProtectionKeySecret(**key.to_dict())
+
+
+@router.get("/collections", response_model=list[CollectionPublic])
+def collections(service: Service, caller: KeyHolder) -> list[CollectionPublic]:
+    """The collections, with model, scheme, key version and size."""
+    return [
+        CollectionPublic(
+            id=row.id,
+            model_id=row.model_id,
+            scheme=row.scheme,
+            dim=row.dim,
+            kind=row.kind,
+            key_version=row.key_version,
+            templates=size,
+        )
+        for row, size in service.list_collections()
+    ]
