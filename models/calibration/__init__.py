@@ -1,0 +1,1 @@
+"""Decision thresholds shipped with the package, measured on named protocols."""
