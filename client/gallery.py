@@ -145,6 +145,11 @@ class GalleryClient:
         )
         return cls(transport, collection=settings.collection)
 
+    @property
+    def transport(self) -> Transport:
+        """The HTTP layer (shared with `AdminClient`)."""
+        return self._transport
+
     def close(self) -> None:
         """Close the underlying connections."""
         self._transport.close()
@@ -158,8 +163,13 @@ class GalleryClient:
     # -- keys ------------------------------------------------------------------
 
     def protection_key(self) -> ProtectionKey:
-        """The site's current template-protection key, from the key service."""
-        body = self._transport.request("GET", "/keys/protection", retry=True)
+        """The key the collection's templates are protected with (key service)."""
+        body = self._transport.request(
+            "GET",
+            "/keys/protection",
+            params={"collection": self.collection},
+            retry=True,
+        )
         return ProtectionKey.from_dict(body)
 
     # -- enrollment ------------------------------------------------------------

@@ -86,8 +86,14 @@ def _detail(response: httpx.Response) -> object:
         body = response.json()
     except ValueError:
         return response.text[:500]
-    if isinstance(body, dict) and "detail" in body:
-        return body["detail"]
+    if isinstance(body, dict):
+        error = body.get("error")
+        # The server's own errors are {"error": {"code", "message"}}; FastAPI's
+        # request validation errors are {"detail": [...]}.
+        if isinstance(error, dict) and "message" in error:
+            return error["message"]
+        if "detail" in body:
+            return body["detail"]
     return body
 
 
