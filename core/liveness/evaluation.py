@@ -281,3 +281,37 @@ def plot_det(
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def equal_error_rate(
+    live_scores: Sequence[float], attack_scores: dict[str, Sequence[float]]
+) -> tuple[float, float]:
+    """Return (EER, threshold) where worst-species APCER and BPCER are closest."""
+    thresholds, apcer, bpcer = det_points(live_scores, attack_scores)
+    index = int(np.argmin(np.maximum(apcer, bpcer)))
+    return float(max(apcer[index], bpcer[index])), float(thresholds[index])
+
+
+def split_scores(
+    scored: Sequence[ScoredSample], key: str | None = None
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Split scored samples into live scores and attack scores by species.
+
+    Args:
+        scored: Scored samples; unscored ones (NaN) are left out.
+        key: A cue name to use instead of the fused score.
+
+    Returns:
+        Live scores, and attack scores keyed by species.
+    """
+    live: list[float] = []
+    attacks: dict[str, list[float]] = {}
+    for item in scored:
+        value = item.score if key is None else item.cues.get(key, math.nan)
+        if math.isnan(value):
+            continue
+        if item.sample.live:
+            live.append(value)
+        else:
+            attacks.setdefault(item.sample.attack_type, []).append(value)
+    return live, attacks

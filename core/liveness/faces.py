@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from facefed.core.errors import ModelError, NoFaceError
+from facefed.core.errors import ImageError, ModelError, NoFaceError
 from facefed.core.settings import get_core_settings
 from facefed.core.types import Face, ImageArray
 
@@ -82,3 +82,31 @@ def whole_image_face(image: ImageArray) -> Face:
     """A face whose box is the whole image, for tight face crops."""
     height, width = image.shape[:2]
     return Face(box=np.array([0, 0, width, height], np.float32), score=1.0)
+
+
+def read_rgb(path: Path) -> ImageArray:
+    """Read an image file as RGB uint8, through core.image when it is installed.
+
+    Raises:
+        ImageError: If the file cannot be read or decoded.
+    """
+    try:
+        from facefed.core.image import decode_image
+    except ImportError:
+        return _read_with_opencv(path)
+    return decode_image(path, max_pixels=get_core_settings().max_image_pixels)
+
+
+def _read_with_opencv(path: Path) -> ImageArray:
+    import cv2
+
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise ImageError(f"Cannot read the image file {path}: {error}.") from None
+    if data.size == 0:
+        raise ImageError(f"The image file {path} is empty.")
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ImageError(f"The file {path} is not an image OpenCV can decode.")
+    return np.ascontiguousarray(bgr[..., ::-1])

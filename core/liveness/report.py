@@ -1,0 +1,192 @@
+"""`facefed eval liveness`: score a labelled set several ways and report PAD errors."""
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from facefed.core.errors import FaceError, ImageError
+from facefed.core.liveness.evaluation import (
+    CropMode,
+    PadSample,
+    ScoredSample,
+    calibrate_threshold,
+    det_points,
+    equal_error_rate,
+    error_rates,
+    pearson,
+    plot_det,
+    split_scores,
+)
+from facefed.core.liveness.faces import (
+    FaceFinder,
+    largest_face,
+    read_rgb,
+    whole_image_face,
+)
+from facefed.core.liveness.silent import SilentLivenessChecker
+from facefed.core.types import Face, ImageArray
+
+logger = logging.getLogger(__name__)
+
+# Crops are resampled to this many pixels (keeping their aspect ratio) for the
+# size-bias check: the shared set's live crops are about 2.7 times larger than
+# its spoof crops.
+COMMON_CROP_AREA = 120 * 150
+
+CAVEAT = (
+    "The shared anti-spoofing set is small and biased: the 85 crops show one "
+    "subject (plus a few frames of a second person among the spoofs) from one "
+    "webcam, a single attack species (video replay), and the live crops are "
+    "larger than the spoof crops, so image size alone separates the classes; "
+    "the 3 Silent-Face frames are the only full frames. The threshold was "
+    "calibrated on this same set. Treat every figure as a smoke test, not an "
+    "accuracy claim."
+)
+
+CUES = ("minifasnet_v2", "minifasnet_v1se", "network", "chroma", "moire", "texture")
+
+
+def _rescaled(image: ImageArray, area: int) -> ImageArray:
+    height, width = image.shape[:2]
+    factor = math.sqrt(area / (height * width))
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_CUBIC
+    return cv2.resize(image, size, interpolation=interpolation)
+
+
+def score_samples(
+    checker: SilentLivenessChecker,
+    samples: Sequence[PadSample],
+    *,
+    finder: FaceFinder,
+    crop_mode: CropMode,
+    rescale_crops: bool = False,
+    progress: Callable[[], None] | None = None,
+) -> list[ScoredSample]:
+    """Run the checker on every sample.
+
+    Frames always go through the detector. Crops use the whole image as the
+    face box (`whole`) or the detector run inside the crop (`detect`; a crop
+    where it finds nothing falls back to the whole image and is counted).
+
+    Args:
+        checker: The silent checker.
+        samples: Labelled presentations.
+        finder: The face detector.
+        crop_mode: How crops get their face box.
+        rescale_crops: Resample every crop to COMMON_CROP_AREA pixels first.
+        progress: Called once per sample.
+
+    Returns:
+        One scored sample per input; unreadable ones carry an error and NaN.
+    """
+    scored = []
+    for sample in samples:
+        try:
+            image = read_rgb(sample.path)
+            area = int(image.shape[0] * image.shape[1])
+            if sample.kind == "crop" and rescale_crops:
+                image = _rescaled(image, COMMON_CROP_AREA)
+            face, note = _face_for(image, sample, finder, crop_mode)
+            result = checker.check(image, face)
+            scored.append(
+                ScoredSample(sample, result.score, dict(result.cues), area, note)
+            )
+        except (ImageError, FaceError) as error:
+            scored.append(ScoredSample(sample, math.nan, {}, 0, str(error)))
+        if progress is not None:
+            progress()
+    return scored
+
+
+def _face_for(
+    image: ImageArray, sample: PadSample, finder: FaceFinder, crop_mode: CropMode
+) -> tuple[Face, str]:
+    if sample.kind == "frame":
+        return largest_face(finder, image), ""
+    if crop_mode == "whole":
+        return whole_image_face(image), ""
+    faces = finder.detect(image)
+    if not faces:
+        return whole_image_face(image), "no face detected inside the crop"
+    return max(faces, key=lambda face: face.width * face.height), ""
+
+
+def summarise(scored: Sequence[ScoredSample], threshold: float) -> dict[str, Any]:
+    """Error rates, EER per cue and the size-bias check of one scored set."""
+    live, attacks = split_scores(scored)
+    rates = error_rates(live, attacks, threshold)
+    eer, eer_threshold = equal_error_rate(live, attacks)
+    per_cue = {}
+    for cue in CUES:
+        cue_live, cue_attacks = split_scores(scored, cue)
+        if cue_live and cue_attacks:
+            per_cue[cue] = round(equal_error_rate(cue_live, cue_attacks)[0], 4)
+    size_bias = {}
+    for label, is_live in (("live", True), ("spoof", False)):
+        items = [s for s in scored if s.sample.live is is_live and s.area]
+        size_bias[label] = pearson([s.score for s in items], [s.area for s in items])
+    return {
+        "rates": asdict(rates),
+        "eer": eer,
+        "eer_threshold": eer_threshold,
+        "eer_by_cue": per_cue,
+        "score_area_correlation": size_bias,
+        "unscored": [str(s.sample.path) for s in scored if math.isnan(s.score)],
+        "notes": sorted({s.error for s in scored if s.error}),
+    }
+
+
+def calibration(scored: Sequence[ScoredSample], *, max_apcer: float) -> float:
+    """The threshold `calibrate_threshold` picks on a scored set."""
+    live, attacks = split_scores(scored)
+    return calibrate_threshold(live, attacks, max_apcer=max_apcer).threshold
+
+
+def write_outputs(
+    runs: dict[str, list[ScoredSample]],
+    summaries: dict[str, dict[str, Any]],
+    out_dir: Path,
+    *,
+    threshold: float,
+) -> dict[str, Path]:
+    """Write the JSON report, the per-sample CSV and the DET curve PNG."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = {}
+    for name, scored in runs.items():
+        live, attacks = split_scores(scored)
+        if live and attacks:
+            _, apcer, bpcer = det_points(live, attacks)
+            curves[name] = (apcer, bpcer)
+    paths = {
+        "json": out_dir / "liveness_eval.json",
+        "det": out_dir / "liveness_det.png",
+        "scores": out_dir / "liveness_scores.csv",
+    }
+    plot_det(curves, paths["det"], title="facefed silent liveness (shared set)")
+    report = {"threshold": threshold, "caveat": CAVEAT, "runs": summaries}
+    paths["json"].write_text(json.dumps(report, indent=2, default=_jsonable))
+    with open(paths["scores"], "w") as handle:
+        handle.write("run,path,label,attack_type,kind,area,score,network,texture\n")
+        for name, scored in runs.items():
+            for s in scored:
+                handle.write(
+                    f"{name},{s.sample.path},{'live' if s.sample.live else 'spoof'},"
+                    f"{s.sample.attack_type},{s.sample.kind},{s.area},{s.score:.4f},"
+                    f"{s.cues.get('network', math.nan):.4f},"
+                    f"{s.cues.get('texture', math.nan):.4f}\n"
+                )
+    return paths
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
