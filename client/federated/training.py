@@ -1,0 +1,307 @@
+"""Local DP-SGD fine-tuning of the shared layers with a site-local ArcFace head.
+
+The frozen lower layers of the embedding network have no trainable
+parameters, so their output is a fixed function of each sample: the site
+computes those features once and DP-SGD trains only the shared top and the
+margin head on them. Per-sample clipping and noise are applied to every
+trained parameter, the head included, because the head feeds the shared
+layers' gradients in later steps (Abadi et al., 2016, "Deep Learning with
+Differential Privacy"). Opacus draws batches by Poisson sampling, which the
+privacy amplification of the accountant assumes.
+
+The margin is applied outside the module Opacus wraps: the wrapped head only
+computes cosine logits (one input, one output, as Opacus' per-sample gradient
+machinery needs) and `arcface_loss` adds the angular margin to the target
+logit (Deng et al., 2019, "ArcFace: Additive Angular Margin Loss").
+"""
+
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from facefed.client.federated.config import TrainingConfig
+from facefed.core.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalTrainResult:
+    """What one site's local round did.
+
+    Attributes:
+        num_examples: Training samples at the site.
+        steps: Optimiser steps taken.
+        mean_loss: Mean training loss over the steps.
+        noise_multiplier: Gaussian noise multiplier sigma used.
+        sample_rate: Poisson sampling rate q = batch_size / num_examples.
+    """
+
+    num_examples: int
+    steps: int
+    mean_loss: float
+    noise_multiplier: float
+    sample_rate: float
+
+
+class CosineClassifier(nn.Module):
+    """Cosine similarities between L2-normalised embeddings and class centres.
+
+    Args:
+        embedding_size: Size of the embeddings.
+        num_classes: Identities at the site.
+        generator: Source of the initial class centres.
+    """
+
+    def __init__(
+        self, embedding_size: int, num_classes: int, *, generator: torch.Generator
+    ) -> None:
+        super().__init__()
+        weight = torch.randn(num_classes, embedding_size, generator=generator)
+        self.weight = nn.Parameter(weight / math.sqrt(embedding_size))
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosine logits (N, num_classes) of embeddings (N, d)."""
+        return F.linear(F.normalize(embeddings, dim=1), F.normalize(self.weight, dim=1))
+
+
+def arcface_loss(
+    cosine: torch.Tensor, labels: torch.Tensor, *, scale: float, margin: float
+) -> torch.Tensor:
+    """ArcFace loss: cross-entropy of s*cos(theta + m) on the target class.
+
+    Args:
+        cosine: Cosine logits (N, C) from a `CosineClassifier`.
+        labels: Class index of each row (N,).
+        scale: Feature scale s.
+        margin: Additive angular margin m in radians.
+
+    Returns:
+        The mean loss over the batch (a scalar; zero for an empty batch).
+    """
+    if cosine.shape[0] == 0:
+        return cosine.sum() * 0.0
+    target = cosine.gather(1, labels[:, None]).clamp(-1 + 1e-6, 1 - 1e-6)
+    theta = torch.acos(target)
+    # Past pi - m, cos(theta + m) stops decreasing; use the linear fallback of
+    # the ArcFace paper so the target logit stays monotonic in theta.
+    with_margin = torch.where(
+        theta + margin < math.pi,
+        torch.cos(theta + margin),
+        target - margin * math.sin(margin),
+    )
+    logits = cosine.scatter(1, labels[:, None], with_margin)
+    return F.cross_entropy(scale * logits, labels)
+
+
+class _TopWithHead(nn.Module):
+    """The trained part: shared top layers, then the site's cosine head."""
+
+    def __init__(self, top: nn.Module, head: CosineClassifier) -> None:
+        super().__init__()
+        self.top = top
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = self.top(features)
+        return embeddings, self.head(embeddings)
+
+
+def noise_multiplier_for(
+    *, config: TrainingConfig, num_examples: int
+) -> tuple[float, float, int]:
+    """Calibrate sigma so the whole run reaches the target epsilon at delta.
+
+    Every round of the run uses the same sigma, calibrated for all the run's
+    steps at this site's sampling rate; the ledger then composes the rounds
+    actually trained, so the budget holds even if the run is cut short.
+
+    Returns:
+        Noise multiplier, sample rate, and steps per round.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    sample_rate = min(1.0, config.batch_size / num_examples)
+    steps_per_round = config.local_epochs * max(1, round(1 / sample_rate))
+    sigma = get_noise_multiplier(
+        target_epsilon=config.target_epsilon,
+        target_delta=config.target_delta,
+        sample_rate=sample_rate,
+        steps=steps_per_round * config.num_rounds,
+        accountant=config.accountant,
+    )
+    return float(sigma), sample_rate, steps_per_round
+
+
+def warn_insecure_rng() -> None:
+    """Log, every time training starts, that Opacus' noise is not from a CSPRNG."""
+    logger.warning(
+        "DP-SGD noise comes from torch's default pseudo-random generator, not a "
+        "cryptographically secure one: Opacus' secure_mode needs torchcsprng, "
+        "which is not on PyPI. The epsilon reported assumes ideal Gaussian noise."
+    )
+
+
+def dp_train(
+    top: nn.Module,
+    head: CosineClassifier,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    config: TrainingConfig,
+    noise_multiplier: float,
+    generator: torch.Generator,
+    compat_targets: torch.Tensor | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> LocalTrainResult:
+    """Run one round of local DP-SGD on precomputed frozen-trunk features.
+
+    Args:
+        top: The shared layers (trained in place; their parameters must be
+            the only trainable ones in `top`).
+        head: The site's cosine head (trained in place, never shared).
+        features: Frozen-trunk outputs of the training chips (N, ...).
+        labels: Class index of each sample (N,).
+        config: The run's training configuration.
+        noise_multiplier: Gaussian noise multiplier sigma (from
+            `noise_multiplier_for`, checked against the budget by the caller).
+        generator: Source of Poisson sampling and DP noise.
+        compat_targets: Parent-model embeddings of the same samples (N, d);
+            with `config.compat == "l2"`, adds the compatibility term.
+        on_step: Called with (step, loss) after each step.
+
+    Returns:
+        The round's figures.
+
+    Raises:
+        ConfigurationError: The inputs do not line up.
+    """
+    from opacus import PrivacyEngine
+
+    num_examples = int(labels.shape[0])
+    if features.shape[0] != num_examples or num_examples == 0:
+        raise ConfigurationError(
+            f"features ({features.shape[0]}) and labels ({num_examples}) must be "
+            "non-empty and of equal length."
+        )
+    if config.compat != "none" and compat_targets is None:
+        raise ConfigurationError(
+            f"compat={config.compat!r} needs the parent model's embeddings."
+        )
+    targets = (
+        compat_targets if compat_targets is not None else torch.zeros(num_examples, 1)
+    )
+    dataset = TensorDataset(features, labels, targets)
+    loader = DataLoader(
+        dataset, batch_size=min(config.batch_size, num_examples), generator=generator
+    )
+    model = _TopWithHead(top, head).train()
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        momentum=0.9,
+    )
+
+    warn_insecure_rng()
+    with warnings.catch_warnings():
+        # Opacus warns about secure_mode on every call; said once above.
+        warnings.simplefilter("ignore", UserWarning)
+        engine = PrivacyEngine(accountant=config.accountant, secure_mode=False)
+        private_model, private_optimizer, private_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=config.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=generator,
+        )
+
+    steps, total_loss = 0, 0.0
+    with warnings.catch_warnings():
+        # The trunk features need no gradient, so torch notes that Opacus'
+        # backward hooks fire on module outputs only: expected here.
+        warnings.filterwarnings("ignore", message="Full backward hook")
+        for _ in range(config.local_epochs):
+            steps, total_loss = _epoch(
+                private_model,
+                private_optimizer,
+                private_loader,
+                config,
+                steps,
+                total_loss,
+                on_step,
+            )
+
+    _unwrap(private_model)
+    sample_rate = float(private_optimizer.expected_batch_size) / num_examples
+    return LocalTrainResult(
+        num_examples=num_examples,
+        steps=steps,
+        mean_loss=total_loss / max(steps, 1),
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+    )
+
+
+def _epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    config: TrainingConfig,
+    steps: int,
+    total_loss: float,
+    on_step: Callable[[int, float], None] | None,
+) -> tuple[int, float]:
+    for batch_features, batch_labels, batch_targets in loader:
+        optimizer.zero_grad(set_to_none=True)
+        embeddings, cosine = model(batch_features)
+        loss = arcface_loss(
+            cosine,
+            batch_labels,
+            scale=config.arcface_scale,
+            margin=config.arcface_margin,
+        )
+        if config.compat == "l2" and batch_labels.numel():
+            loss = loss + config.compat_weight * compatibility_loss(
+                embeddings, batch_targets
+            )
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        total_loss += float(loss.detach())
+        if on_step is not None:
+            on_step(steps, float(loss.detach()))
+    return steps, total_loss
+
+
+def compatibility_loss(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between new embeddings and the parent model's.
+
+    This is the L2 form (on unit vectors, |a - b|^2 = 2 - 2 cos) of the
+    backward-compatible training idea of Shen et al., 2020 ("Towards
+    Backward-Compatible Representation Learning", CVPR): keep the new
+    embedding of a sample near where the old model put it, so probes from the
+    new model still match templates enrolled with the old one.
+    """
+    return (1.0 - F.cosine_similarity(new, old, dim=1)).mean()
+
+
+def _unwrap(private_model: nn.Module) -> None:
+    # Opacus leaves hooks and per-sample gradient buffers on the wrapped
+    # modules; remove them so the layers can be exported and reused.
+    remove = getattr(private_model, "_close", None)
+    if callable(remove):
+        remove()
+    for parameter in private_model.parameters():
+        for name in ("grad_sample", "_forward_counter", "summed_grad"):
+            if hasattr(parameter, name):
+                delattr(parameter, name)
+        parameter.grad = None
