@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from facefed.core.errors import (
 )
 from facefed.core.types import ImageArray
 from facefed.privacy.protection import ProtectionKey
+
+if TYPE_CHECKING:
+    from facefed.privacy.he import SiteHEContext
 from facefed.privacy.templates import ProtectedTemplate, protect_template
 
 logger = logging.getLogger(__name__)
@@ -201,6 +204,43 @@ class SiteAgent:
     def verify(self, source: ImageSource, *, subject_id: str) -> VerifyResult:
         """Check whether the person in a photo is an enrolled subject (1:1)."""
         return self.client.verify(self.template(source), subject_id=subject_id)
+
+    def verify_encrypted(
+        self,
+        source: ImageSource,
+        *,
+        subject_id: str,
+        he_context: "SiteHEContext",
+        context_id: str,
+        threshold: float,
+    ) -> VerifyResult:
+        """1:1 match where the server never sees the probe (CKKS).
+
+        The protected probe is encrypted under the site's CKKS context (whose
+        secret key stays here), scored by the server against the subject's
+        protected templates, and the scores decrypted here; the site applies
+        the threshold itself.
+
+        Args:
+            source: The probe photo.
+            subject_id: The claimed subject.
+            he_context: The site's CKKS context (secret key included).
+            context_id: Id under which its public part was uploaded.
+            threshold: Decision threshold on the best cosine score.
+        """
+        template = self.template(source)
+        probe = he_context.encrypt_probe(template.data, layout="columns")
+        answer = self.client.verify_encrypted(
+            probe, context_id=context_id, subject_id=subject_id
+        )
+        scores = he_context.decrypt_scores(answer.scores, answer.count)
+        best = float(np.max(scores))
+        return VerifyResult(
+            subject_id=subject_id,
+            score=best,
+            threshold=threshold,
+            match=best >= threshold,
+        )
 
     def erase(
         self, subject_id: str, *, subject_ref: str | None = None

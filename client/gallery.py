@@ -7,6 +7,7 @@ retried after a lost answer returns the first enrollment instead of making a
 second subject.
 """
 
+import base64
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -90,6 +91,23 @@ class VerifyResult:
     score: float
     threshold: float
     match: bool
+
+
+@dataclass(frozen=True)
+class EncryptedScores:
+    """Encrypted scores the server computed without seeing the probe.
+
+    Attributes:
+        count: Number of scores in the set (one per template scored).
+        scores: The encrypted score set; only the site's CKKS context opens it.
+        subject_ids: Subject of each score, in order.
+        template_ids: Template of each score, in order.
+    """
+
+    count: int
+    scores: bytes = field(repr=False)
+    subject_ids: list[str]
+    template_ids: list[str]
 
 
 def new_idempotency_key() -> str:
@@ -269,6 +287,32 @@ class GalleryClient:
             score=float(body["score"]),
             threshold=float(body["threshold"]),
             match=bool(body["match"]),
+        )
+
+    # -- encrypted matching (CKKS) ----------------------------------------------
+
+    def upload_he_context(self, public_context: bytes) -> str:
+        """Store the site's public CKKS context (no secret key); returns its id."""
+        body = self._transport.request(
+            "POST", "/he/contexts", content=public_context, retry=True
+        )
+        return str(body["context_id"])
+
+    def verify_encrypted(
+        self, probe: bytes, *, context_id: str, subject_id: str
+    ) -> EncryptedScores:
+        """Have the server score an encrypted probe against one subject (1:1)."""
+        body = self._transport.request(
+            "POST",
+            f"/he/contexts/{context_id}/verify/{subject_id}",
+            content=probe,
+            retry=True,
+        )
+        return EncryptedScores(
+            count=int(body["count"]),
+            scores=base64.b64decode(body["scores"]),
+            subject_ids=[str(item) for item in body["subject_ids"]],
+            template_ids=[str(item) for item in body["template_ids"]],
         )
 
     # -- data subject rights ---------------------------------------------------

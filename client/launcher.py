@@ -35,6 +35,56 @@ def facefed_command() -> list[str]:
     return [sys.executable, "-c", "from facefed.core.cli import main; main()"]
 
 
+def create_key_with_cli(
+    env: Mapping[str, str], *, role: str, name: str, site_name: str | None = None
+) -> str:
+    """Create an API key with `facefed admin create-key`, as an operator would.
+
+    The command talks to the server's database directly (it is how the first
+    admin key is made), so `env` must name the same database and master key
+    as the server's.
+
+    Args:
+        env: The server's FACEFED_* environment.
+        role: `admin` or `site`.
+        name: A label for the key.
+        site_name: For a site key: create a site of this name for it.
+
+    Returns:
+        The new key (keep it secret; it is not shown again).
+
+    Raises:
+        ServiceError: The command failed or printed no key.
+    """
+    command = [
+        *facefed_command(),
+        "admin",
+        "create-key",
+        "--role",
+        role,
+        "--name",
+        name,
+    ]
+    if site_name is not None:
+        command += ["--site-name", site_name]
+    done = subprocess.run(  # noqa: S603 (our own interpreter and arguments)
+        command,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    for line in done.stdout.splitlines():
+        label, _, value = line.partition(":")
+        if label.strip() == "api key" and value.strip():
+            return value.strip()
+    raise ServiceError(
+        f"`facefed admin create-key` failed (exit {done.returncode}): "
+        f"{done.stderr.strip()[-500:]}"
+    )
+
+
 class ServerProcess:
     """A `facefed serve` child process bound to 127.0.0.1.
 

@@ -179,6 +179,7 @@ class Transport:
         path: str,
         *,
         json: object = None,
+        content: bytes | None = None,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         retry: bool,
@@ -189,6 +190,7 @@ class Transport:
             method: HTTP method.
             path: Path under `/v1`, e.g. `/subjects`.
             json: Body, serialised as JSON.
+            content: Raw body bytes instead (sent as application/octet-stream).
             params: Query parameters.
             headers: Extra headers (an idempotency key, a subject token).
             retry: Whether repeating the request is safe; when False, only a
@@ -213,9 +215,7 @@ class Transport:
                 )  # fmt: skip
                 self._sleep(wait)
             try:
-                response = self._http.request(
-                    method, path, json=json, params=params, headers=headers
-                )
+                response = self._send(method, path, json, content, params, headers)
             except httpx.ConnectError as error:
                 last_problem = f"cannot connect ({error})"
                 continue
@@ -233,4 +233,22 @@ class Transport:
             return response.json()
         raise ServiceError(
             f"{method} {path} failed after {attempt + 1} attempt(s): {last_problem}."
+        )
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        json: object,
+        content: bytes | None,
+        params: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+    ) -> httpx.Response:
+        if content is None:
+            return self._http.request(
+                method, path, json=json, params=params, headers=headers
+            )
+        binary = {"Content-Type": "application/octet-stream", **(headers or {})}
+        return self._http.request(
+            method, path, content=content, params=params, headers=binary
         )
