@@ -31,6 +31,8 @@ import numpy as np
 from facefed.core.errors import ConfigurationError, FaceError, FacefedError
 from facefed.core.liveness.faces import FaceFinder, default_face_finder, largest_face
 from facefed.core.liveness.landmarks import FaceMeasures, measure_face
+from facefed.core.liveness.settings import get_liveness_settings
+from facefed.core.settings import get_core_settings
 from facefed.core.types import ImageArray
 
 logger = logging.getLogger(__name__)
@@ -474,3 +476,31 @@ def _missing(action: Action, after: int, limits: ActionThresholds) -> str:
         Action.TURN_RIGHT: f"a turn to the subject's right of {limits.turn_deg:.0f}°",
     }[action]
     return f"{action.value} not seen: no frame {where}shows {what}."
+
+
+def load_challenge_key() -> bytes:
+    """Return the challenge signing key of this installation.
+
+    `FACEFED_LIVENESS_CHALLENGE_KEY` wins; otherwise a random 32-byte key is
+    kept in `home/liveness/challenge.key`, created with mode 0600 on first use.
+    """
+    settings = get_liveness_settings()
+    if settings.challenge_key is not None:
+        return _check_key(settings.challenge_key.get_secret_value().encode())
+    path = get_core_settings().home / "liveness" / "challenge.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+        logger.info("Created a new liveness challenge key in %s", path.parent)
+    return _check_key(path.read_bytes())
+
+
+def default_nonce_store() -> FileNonceStore:
+    """The used-nonce file of this installation (see `LivenessSettings`)."""
+    settings = get_liveness_settings()
+    path = settings.nonce_store or (
+        get_core_settings().home / "liveness" / "used_nonces.json"
+    )
+    return FileNonceStore(path)

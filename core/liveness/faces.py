@@ -110,3 +110,60 @@ def _read_with_opencv(path: Path) -> ImageArray:
     if bgr is None:
         raise ImageError(f"The file {path} is not an image OpenCV can decode.")
     return np.ascontiguousarray(bgr[..., ::-1])
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+
+
+def read_frames(source: Path, *, max_frames: int = 900) -> list[ImageArray]:
+    """Read a recording as RGB frames: a video file or a folder of images.
+
+    Images in a folder are taken in file-name order.
+
+    Args:
+        source: Video file or folder.
+        max_frames: Refuse recordings longer than this (bounds memory).
+
+    Returns:
+        The frames in order.
+
+    Raises:
+        ImageError: If the source is missing, empty, unreadable or too long.
+    """
+    if source.is_dir():
+        files = sorted(
+            p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise ImageError(f"The folder {source} holds no image files.")
+        if len(files) > max_frames:
+            raise ImageError(
+                f"The folder {source} holds {len(files)} frames; the limit is "
+                f"{max_frames}."
+            )
+        return [read_rgb(path) for path in files]
+    if not source.is_file():
+        raise ImageError(f"There is no video file or folder at {source}.")
+    return _read_video(source, max_frames)
+
+
+def _read_video(path: Path, max_frames: int) -> list[ImageArray]:
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    frames: list[ImageArray] = []
+    try:
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            if len(frames) >= max_frames:
+                raise ImageError(
+                    f"The video {path} is longer than {max_frames} frames."
+                )
+            frames.append(np.ascontiguousarray(bgr[..., ::-1]))
+    finally:
+        capture.release()
+    if not frames:
+        raise ImageError(f"No frame could be decoded from {path}.")
+    return frames

@@ -190,3 +190,122 @@ def _jsonable(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     return str(value)
+
+
+def run_evaluation(
+    data: Path,
+    labels: Path,
+    out_dir: Path,
+    *,
+    calibrate: bool,
+    max_apcer: float,
+) -> dict[str, Any]:
+    """Score the labelled set four ways, print the error rates, write the files.
+
+    Runs: `frames` (full frames through the detector), `crops_whole` (tight
+    crops, whole image as face box), `crops_detect` (detector inside the
+    crops), `crops_rescaled` (crops resampled to COMMON_CROP_AREA first), and
+    `all` (frames plus crops_whole), the set the threshold is calibrated on.
+
+    Returns:
+        The JSON report as a dictionary.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from facefed.core.errors import ConfigurationError
+    from facefed.core.liveness import default_checker
+    from facefed.core.liveness.evaluation import load_pad_samples
+    from facefed.core.liveness.faces import default_face_finder
+
+    if not labels.is_file():
+        raise ConfigurationError(f"There is no label file at {labels}.")
+    samples = load_pad_samples(data, labels)
+    frames = [s for s in samples if s.kind == "frame"]
+    crops = [s for s in samples if s.kind == "crop"]
+    checker = default_checker()
+    finder = default_face_finder()
+    plan: list[tuple[str, list[PadSample], CropMode, bool]] = [
+        ("frames", frames, "whole", False),
+        ("crops_whole", crops, "whole", False),
+        ("crops_detect", crops, "detect", False),
+        ("crops_rescaled", crops, "whole", True),
+    ]
+    runs: dict[str, list[ScoredSample]] = {}
+    with Progress(transient=True) as progress:
+        task = progress.add_task("scoring", total=sum(len(p[1]) for p in plan))
+        for name, subset, mode, rescale in plan:
+            runs[name] = score_samples(
+                checker,
+                subset,
+                finder=finder,
+                crop_mode=mode,
+                rescale_crops=rescale,
+                progress=lambda: progress.advance(task),
+            )
+    runs["all"] = runs["frames"] + runs["crops_whole"]
+    threshold = checker.threshold
+    summaries = {name: summarise(scored, threshold) for name, scored in runs.items()}
+    if calibrate:
+        summaries["all"]["calibrated_threshold"] = calibration(
+            runs["all"], max_apcer=max_apcer
+        )
+    paths = write_outputs(runs, summaries, out_dir, threshold=threshold)
+    _print(Console(width=160), summaries, threshold, paths)
+    return json.loads(paths["json"].read_text())
+
+
+def _print(
+    console: Any, summaries: dict[str, dict[str, Any]], threshold: float, paths: dict
+) -> None:
+    from rich.table import Table
+
+    species = sorted(
+        {k for summary in summaries.values() for k in summary["rates"]["apcer"]}
+    )
+    rates_table = Table(
+        "run",
+        "live",
+        *[f"APCER {name} (n)" for name in species],
+        "APCER max",
+        "BPCER",
+        "EER",
+        "corr(score, area) live / spoof",
+        title=f"Silent liveness at threshold {threshold:.3f} (ISO/IEC 30107-3)",
+    )
+    cue_table = Table("run", *CUES, title="EER of each cue alone")
+    for name, summary in summaries.items():
+        rates = summary["rates"]
+        bias = summary["score_area_correlation"]
+        apcer_cells = [
+            f"{rates['apcer'][k]:.1%} ({rates['n_attack'][k]})"
+            if k in rates["apcer"]
+            else "-"
+            for k in species
+        ]
+        rates_table.add_row(
+            name,
+            str(rates["n_live"]),
+            *apcer_cells,
+            f"{rates['apcer_max']:.1%}",
+            f"{rates['bpcer']:.1%}",
+            f"{summary['eer']:.1%}",
+            f"{bias['live']:+.2f} / {bias['spoof']:+.2f}",
+        )
+        cue_table.add_row(
+            name, *[f"{summary['eer_by_cue'].get(c, math.nan):.1%}" for c in CUES]
+        )
+    console.print(rates_table)
+    console.print(cue_table)
+    for name, summary in summaries.items():
+        for note in summary["notes"]:
+            console.print(f"{name}: {note}")
+        if "calibrated_threshold" in summary:
+            console.print(
+                f"calibrated threshold on '{name}': "
+                f"{summary['calibrated_threshold']:.3f}"
+            )
+    console.print(f"[yellow]caveat:[/yellow] {CAVEAT}")
+    console.print(
+        f"wrote {paths['json']}, {paths['scores']} and the DET curve {paths['det']}"
+    )
