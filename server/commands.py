@@ -1,7 +1,133 @@
-"""Commands this part adds to `facefed`."""
+"""Commands this part adds to `facefed`: `serve` and the `admin` group."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
 
 import typer
+
+logger = logging.getLogger(__name__)
+
+admin_app = typer.Typer(
+    help="Administer the gallery server directly on its database.",
+    no_args_is_help=True,
+)
 
 
 def register(app: typer.Typer, eval_app: typer.Typer) -> None:
     """Add this part's commands to the root app and the `eval` group."""
+    app.command("serve")(serve)
+    app.add_typer(admin_app, name="admin")
+
+
+def serve(
+    host: str | None = typer.Option(None, help="Address to listen on [127.0.0.1]."),
+    port: int | None = typer.Option(None, help="Port to listen on [8000]."),
+    dev: bool = typer.Option(
+        False, "--dev", help="Development mode: generate a master key if none."
+    ),
+) -> None:
+    """Run the gallery server (FastAPI under uvicorn)."""
+    import uvicorn
+
+    from facefed.server.app import create_app
+    from facefed.server.settings import get_server_settings
+
+    settings = get_server_settings()
+    updates: dict[str, object] = {}
+    if host is not None:
+        updates["host"] = host
+    if port is not None:
+        updates["port"] = port
+    if dev:
+        updates["dev_mode"] = True
+    settings = settings.model_copy(update=updates)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+
+def _service(*, start: bool = True):  # type: ignore[no-untyped-def]
+    from facefed.server.service import GalleryService
+    from facefed.server.settings import get_server_settings
+
+    service = GalleryService(get_server_settings())
+    if start:
+        service.start()
+    return service
+
+
+@admin_app.command("create-key")
+def create_key(
+    role: str = typer.Option(..., help="admin or site."),
+    site: str | None = typer.Option(None, help="Site id (site keys)."),
+    site_name: str | None = typer.Option(
+        None, help="Create a site of this name and give the key to it."
+    ),
+    name: str = typer.Option("", help="A label for the key."),
+) -> None:
+    """Create an API key (printed once; only its hash is stored)."""
+    from facefed.server.security import Principal
+
+    service = _service()
+    try:
+        if site_name is not None:
+            site_row = service.create_site(
+                Principal(role="admin", key_id="cli"), site_name
+            )
+            site = site_row.id
+            typer.echo(f"site id: {site}")
+        row, secret = service.create_api_key(
+            "admin:cli", role=role, site_id=site, name=name
+        )
+    finally:
+        service.close()
+    typer.echo(f"key id:  {row.id}")
+    typer.echo(f"api key: {secret}")
+    typer.echo("Store the key now: it is not shown again.", err=True)
+
+
+@admin_app.command("purge-expired")
+def purge_expired() -> None:
+    """Erase every subject whose consent retention period has passed."""
+    service = _service()
+    try:
+        erased = service.purge_expired(actor="admin:cli")
+    finally:
+        service.close()
+    typer.echo(f"erased {erased} subject(s) with expired consent")
+
+
+@admin_app.command("audit-verify")
+def audit_verify() -> None:
+    """Check the audit log's hash chain; exit 1 if any event was edited or removed."""
+    service = _service()
+    try:
+        result = service.verify_audit()
+    finally:
+        service.close()
+    if result.ok:
+        typer.echo(f"audit log intact: {result.events} event(s)")
+        return
+    for problem in result.problems:
+        typer.echo(problem, err=True)
+    typer.echo(f"audit log BROKEN ({result.events} event(s) checked)", err=True)
+    raise typer.Exit(1)
+
+
+@admin_app.command("verify-receipt")
+def verify_receipt(
+    receipt_file: Annotated[Path, typer.Argument(help="Receipt JSON file.")],
+    public_key_file: Annotated[Path, typer.Argument(help="Public key PEM file.")],
+) -> None:
+    """Check an erasure receipt's signature against the server's public key."""
+    from facefed.server.receipts import verify_receipt as check
+
+    receipt = json.loads(receipt_file.read_text())
+    if check(receipt, public_key_file.read_text()):
+        typer.echo("receipt signature valid")
+        return
+    typer.echo("receipt signature INVALID", err=True)
+    raise typer.Exit(1)

@@ -258,8 +258,12 @@ class CollectionIndex:
 
     def vectors_of(
         self, subject_ids: list[str] | None = None
-    ) -> tuple[list[str], npt.NDArray[Any]]:
-        """Return subject ids and the matching template matrix (for HE scoring)."""
+    ) -> tuple[list[str], list[int], npt.NDArray[Any]]:
+        """Return subject ids, template ids and the template matrix, in order.
+
+        Args:
+            subject_ids: Only these subjects' templates; every template if None.
+        """
         with self.lock:
             chosen = (
                 list(self._entries.subject_of.items())
@@ -271,9 +275,9 @@ class CollectionIndex:
                 ]
             )
             if not chosen:
-                return [], np.zeros((0, self.dim), dtype=np.float32)
+                return [], [], np.zeros((0, self.dim), dtype=np.float32)
             matrix = np.vstack([self._index.reconstruct(int(tid)) for tid, _ in chosen])
-            return [sid for _, sid in chosen], matrix
+            return [sid for _, sid in chosen], [tid for tid, _ in chosen], matrix
 
     def template_ids(self) -> set[int]:
         """Return the ids of every template in the index."""

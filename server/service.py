@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from facefed.core.errors import (
+    ConfigurationError,
     ConflictError,
     FacefedError,
     GoneError,
@@ -187,10 +188,17 @@ class GalleryService:
         )
         # SQLite has one writer; serialising our write transactions avoids
         # busy errors and keeps the audit chain's appends in order.
-        self._write_lock = threading.RLock()
+        self.write_lock = threading.RLock()
         self.signer: ReceiptSigner | None = None
 
     # -- life cycle ------------------------------------------------------------
+
+    @property
+    def receipt_signer(self) -> ReceiptSigner:
+        """The receipt signer, loaded by `start`."""
+        if self.signer is None:
+            raise ConfigurationError("The service signs receipts only after start().")
+        return self.signer
 
     def start(self) -> None:
         """Migrate the database, load the signing key, rebuild every index."""
@@ -205,7 +213,7 @@ class GalleryService:
 
     def _signing_key(self) -> bytes:
         context = b"server-secret|" + _SIGNING_KEY_NAME.encode()
-        with self._write_lock, session_scope(self.sessions) as session:
+        with self.write_lock, session_scope(self.sessions) as session:
             row = session.get(ServerSecret, _SIGNING_KEY_NAME)
             if row is None:
                 key = ReceiptSigner.generate_private_key()
@@ -226,7 +234,7 @@ class GalleryService:
         stopped: their rows are deleted now. Keys without a subject belong to
         an enrollment that never committed: they are destroyed.
         """
-        with self._write_lock:
+        with self.write_lock:
             keyed = self.vault.subject_ids()
             with session_scope(self.sessions) as session:
                 collections = list(session.scalars(select(Collection)))
@@ -320,7 +328,7 @@ class GalleryService:
 
     def create_site(self, principal: Principal, name: str) -> Site:
         """Register a branch site."""
-        with self._write_lock, session_scope(self.sessions) as session:
+        with self.write_lock, session_scope(self.sessions) as session:
             if session.scalars(select(Site).where(Site.name == name)).first():
                 raise ConflictError(f"A site named {name!r} already exists.")
             site = Site(id=uuid.uuid4().hex, name=name, created_at=utcnow())
@@ -352,7 +360,7 @@ class GalleryService:
         if (role == "site") != (site_id is not None):
             raise ConflictError("A site key needs a site_id; an admin key takes none.")
         secret = new_secret(API_KEY_PREFIX)
-        with self._write_lock, session_scope(self.sessions) as session:
+        with self.write_lock, session_scope(self.sessions) as session:
             if site_id is not None and session.get(Site, site_id) is None:
                 raise NotFoundError(f"There is no site {site_id!r}.")
             row = ApiKey(
@@ -381,7 +389,7 @@ class GalleryService:
 
     def revoke_api_key(self, principal: Principal, key_id: str) -> ApiKey:
         """Revoke an API key for good."""
-        with self._write_lock, session_scope(self.sessions) as session:
+        with self.write_lock, session_scope(self.sessions) as session:
             row = session.get(ApiKey, key_id)
             if row is None:
                 raise NotFoundError(f"There is no API key {key_id!r}.")
@@ -411,7 +419,7 @@ class GalleryService:
             secret: Key material made offline; a fresh 256-bit secret when None.
         """
         get_scheme(scheme)
-        with self._write_lock, session_scope(self.sessions) as session:
+        with self.write_lock, session_scope(self.sessions) as session:
             latest = session.scalar(
                 select(func.max(ProtectionKeyRow.version)).where(
                     ProtectionKeyRow.scheme == scheme
@@ -513,7 +521,7 @@ class GalleryService:
         protection = get_scheme(scheme)
         if protection.kind == "binary" and dim % 8:
             raise TemplateError(f"A binary collection needs whole bytes; dim={dim}.")
-        with self._write_lock, session_scope(self.sessions) as session:
+        with self.write_lock, session_scope(self.sessions) as session:
             if session.get(Collection, collection_id) is not None:
                 raise ConflictError(f"The collection {collection_id!r} exists.")
             version = session.scalar(
@@ -715,7 +723,7 @@ class GalleryService:
             "consent_expires_at": expires_at.isoformat(),
         }
         try:
-            with self._write_lock, session_scope(self.sessions) as session:
+            with self.write_lock, session_scope(self.sessions) as session:
                 session.add(
                     Subject(
                         id=subject_id,
@@ -858,7 +866,7 @@ class GalleryService:
         vectors = [self._check_template(collection, t) for t in templates]
         data_key = self.vault.get(subject_id)
         index = self.gallery.ensure(collection.id, collection.kind, collection.dim)
-        with index.lock, self._write_lock, session_scope(self.sessions) as session:
+        with index.lock, self.write_lock, session_scope(self.sessions) as session:
             session.execute(
                 delete(Template).where(
                     Template.subject_id == subject_id,
@@ -980,7 +988,7 @@ class GalleryService:
     def _audit_plain(
         self, action: str, principal: Principal, details: dict[str, Any]
     ) -> None:
-        with self._write_lock, session_scope(self.sessions) as session:
+        with self.write_lock, session_scope(self.sessions) as session:
             audit.append_event(
                 session,
                 action=action,
@@ -1085,7 +1093,7 @@ class GalleryService:
         reason: str,
     ) -> dict[str, Any]:
         index = self.gallery.get(collection_id)
-        with self._write_lock:
+        with self.write_lock:
             removed_from_index = index.remove_subject(subject_id) if index else 0
             key_destroyed = self.vault.destroy(subject_id)
             with session_scope(self.sessions) as session:
@@ -1110,8 +1118,7 @@ class GalleryService:
                 "data_key_destroyed": key_destroyed,
             },
         }
-        assert self.signer is not None, "start() signs receipts"
-        return self.signer.sign(receipt)
+        return self.receipt_signer.sign(receipt)
 
     @staticmethod
     def _delete_subject_rows(session: Session, subject_id: str) -> dict[str, int]:
@@ -1205,15 +1212,14 @@ class GalleryService:
                 f"{collection.key_version}; rotate to a newer one, not {to_version}."
             )
         scheme = get_scheme(collection.scheme)
-        if scheme.rekeyable and transform is None:
-            raise ProtectionError(
-                f"Scheme {collection.scheme!r} re-keys with a transform; send one."
-            )
         if scheme.rekeyable:
-            assert transform is not None
+            if transform is None:
+                raise ProtectionError(
+                    f"Scheme {collection.scheme!r} re-keys with a transform; send one."
+                )
             _check_orthonormal(transform, collection.dim)
         index = self.gallery.ensure(collection.id, collection.kind, collection.dim)
-        with index.lock, self._write_lock, session_scope(self.sessions) as session:
+        with index.lock, self.write_lock, session_scope(self.sessions) as session:
             collection = self._collection(session, collection_id)
             rows = list(
                 session.scalars(

@@ -11,5 +11,6 @@ ROUTER_MODULES: list[str] = [
     "facefed.server.api.matching",
     "facefed.server.api.keys",
     "facefed.server.api.receipts",
+    "facefed.server.api.encrypted",
     "facefed.server.api.admin",
 ]
