@@ -23,6 +23,8 @@ bin_dir=$(dirname "$python")
 wait_s=${FACEFED_UP_TIMEOUT_S:-120}
 
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0
+# Flower starts its helpers (flower-superexec) by name: the venv comes first.
+export PATH="$bin_dir:$PATH"
 mkdir -p "$state/pids" "$state/logs"
 
 log() { printf '[up] %s\n' "$*" >&2; }
@@ -79,7 +81,7 @@ else
   chmod 777 "$state/pg"
   chown postgres "$state/pg" 2>/dev/null || true
   "${as_user[@]}" "$pg_bin/initdb" -D "$state/pg/data" -U postgres --auth=trust >"$state/logs/initdb.log" 2>&1
-  "${as_user[@]}" "$pg_bin/pg_ctl" -D "$state/pg/data" -l "$state/logs/postgres.log" \
+  "${as_user[@]}" "$pg_bin/pg_ctl" -D "$state/pg/data" -l "$state/pg/postgres.log" \
     -o "-h 127.0.0.1 -p $pg_port -k $state/pg" -w -t "$wait_s" start >/dev/null
   echo "$pg_bin" >"$state/pids/postgres.bin"
   "$pg_bin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres facefed
@@ -104,19 +106,24 @@ export_server_env() {
 wait_port server "$server_port"
 log "gallery server at $server_url"
 
-# An admin key, and one site with its own key per site folder. Keys go to files
-# readable by this user only; they are never printed.
-(export_server_env; facefed admin create-key --role admin --name local-admin \
-  --output "$state/admin.key") >"$state/logs/bootstrap.log" 2>&1
+# An admin key, and one site with its own key per site folder, made with
+# `facefed admin create-key` (which prints the key once). Keys go to files
+# readable by this user only; they are never echoed.
+create_key() {  # create_key FILE ARGS...: the key printed by the CLI goes to FILE
+  local file=$1
+  shift
+  (export_server_env; umask 077; facefed admin create-key "$@" 2>>"$state/logs/bootstrap.log" |
+    sed -n 's/^api key: *//p' >"$file")
+  [ -s "$file" ] || { log "facefed admin create-key $* printed no key"; return 1; }
+}
+create_key "$state/admin.key" --role admin --name local-admin
 for site in site-a site-b; do
   mkdir -p "$state/$site/training"
-  (export_server_env; facefed admin create-site "$site" --output "$state/$site/api.key") \
-    >>"$state/logs/bootstrap.log" 2>&1
+  create_key "$state/$site/api.key" --role site --site-name "$site" --name "$site agent"
   cat >"$state/$site/env.sh" <<ENV
 export FACEFED_SERVER_URL=$server_url
 export FACEFED_API_KEY_FILE=$state/$site/api.key
 export FACEFED_SITE_DIR=$state/$site
-export FACEFED_HOME=$state/$site/home
 ENV
 done
 
@@ -131,17 +138,29 @@ for site in site-a site-b; do
   spawn "supernode-$site" "$bin_dir/flower-supernode" --insecure \
     --superlink "127.0.0.1:$link_port" --host 127.0.0.1 --port "$node_port" \
     --max-wait-time "$wait_s" \
-    --node-config "site-id=\"$site\" data-dir=\"$state/$site/training\" partition-id=$node"
+    --node-config "site-id=\"$site\" site-dir=\"$state/$site/training\" partition-id=$node"
   wait_port "supernode-$site" "$node_port"
   node=$((node + 1))
 done
 log "Flower SuperLink at 127.0.0.1:$link_port with 2 SuperNodes"
+
+# The `flwr` CLI finds SuperLinks by name in $FLWR_HOME/config.toml.
+mkdir -p "$state/flwr"
+cat >"$state/flwr/config.toml" <<TOML
+[superlink]
+default = "facefed-local"
+
+[superlink.facefed-local]
+address = "127.0.0.1:$link_port"
+insecure = true
+TOML
 
 cat >"$state/env.sh" <<ENV
 export FACEFED_SERVER_URL=$server_url
 export FACEFED_LOCAL_DATABASE_URL=$database_url
 export FACEFED_LOCAL_ADMIN_KEY_FILE=$state/admin.key
 export FACEFED_LOCAL_SUPERLINK=127.0.0.1:$link_port
+export FLWR_HOME=$state/flwr
 export FACEFED_LOCAL_STATE=$state
 ENV
 log "up; source $state/env.sh (down: $here/down.sh $state)"
