@@ -69,3 +69,40 @@ def test_inversion_without_the_key_fails(lfw_pairs):
     own = np.sum(guess * lfw_pairs.first[:20], axis=1).mean()
     others = np.mean(guess @ lfw_pairs.second[40:80].T)
     assert own < others + 0.02
+
+
+def test_pairs_subset_stays_balanced(tmp_path):
+    from facefed.privacy.commands import _read_pairs
+
+    csv_path = tmp_path / "pairs.csv"
+    lines = ["fold,path1,path2,same"]
+    for fold in (1, 2):
+        lines += [f"{fold},a{i}.jpg,b{i}.jpg,1" for i in range(5)]
+        lines += [f"{fold},c{i}.jpg,d{i}.jpg,0" for i in range(5)]
+    csv_path.write_text("\n".join(lines) + "\n")
+    rows = _read_pairs(csv_path, 4)
+    assert len(rows) == 8
+    assert sorted((r["fold"], r["same"]) for r in rows).count(("1", "1")) == 2
+    assert len(_read_pairs(csv_path, 0)) == 20
+
+
+def test_pairs_file_errors_name_the_file(tmp_path):
+    from facefed.core.errors import ConfigurationError
+    from facefed.privacy.commands import _read_pairs
+
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        _read_pairs(tmp_path / "missing.csv", 0)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigurationError, match="needs the columns"):
+        _read_pairs(bad, 0)
+
+
+def test_embedding_cache_round_trip(tmp_path):
+    from facefed.privacy.commands import _load_cache, _save_cache
+
+    cache = {"x.jpg": np.ones(4, np.float32), "y.jpg": None}
+    _save_cache(tmp_path / "c.npz", cache)
+    loaded = _load_cache(tmp_path / "c.npz")
+    assert loaded["y.jpg"] is None
+    np.testing.assert_array_equal(loaded["x.jpg"], cache["x.jpg"])
