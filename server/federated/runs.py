@@ -1,0 +1,218 @@
+"""Run management on disk: run folders, listing, cancelling, model versions, promotion.
+
+Every training run has a folder ``$FACEFED_HOME/training/runs/<run_id>``
+holding its progress log, the audit of received messages, the child's pid
+and, once finished, the published model version (``model/``). Promotion
+registers a version's ONNX with the model registry (engineer C's
+`ModelRegistry`) and makes it the model of a collection, refusing to replace
+a collection's model with one whose probes do not match the old templates
+(see `publish.compatibility`).
+"""
+
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from facefed.core.errors import ConflictError, NotFoundError
+from facefed.core.settings import get_core_settings
+from facefed.server.federated.publish import SUMMARY_FILE
+from facefed.server.federated.runner import RunProgress, read_progress
+
+logger = logging.getLogger(__name__)
+
+
+def training_home() -> Path:
+    """`$FACEFED_HOME/training`, where runs and promotions are kept."""
+    return get_core_settings().home / "training"
+
+
+def runs_dir() -> Path:
+    """The folder of all run folders."""
+    return training_home() / "runs"
+
+
+def new_run_id() -> str:
+    """A sortable, unguessable run id: UTC time then 6 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def run_dir_of(run_id: str) -> Path:
+    """The folder of an existing run.
+
+    Raises:
+        NotFoundError: No run has that id.
+    """
+    if not run_id or "/" in run_id or run_id.startswith("."):
+        raise NotFoundError(f"No training run {run_id!r}.")
+    path = runs_dir() / run_id
+    if not path.is_dir():
+        raise NotFoundError(f"No training run {run_id!r}.")
+    return path
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as listed.
+
+    Attributes:
+        run_id: Its id.
+        progress: What its progress log says.
+    """
+
+    run_id: str
+    progress: RunProgress
+
+
+def list_runs() -> list[RunInfo]:
+    """Every run, newest first."""
+    if not runs_dir().is_dir():
+        return []
+    folders = sorted((p for p in runs_dir().iterdir() if p.is_dir()), reverse=True)
+    return [RunInfo(p.name, _status(p)) for p in folders]
+
+
+def run_info(run_id: str) -> RunInfo:
+    """One run's progress."""
+    return RunInfo(run_id, _status(run_dir_of(run_id)))
+
+
+def _status(folder: Path) -> RunProgress:
+    progress = read_progress(folder)
+    if progress.status == "running" and not _alive(folder):
+        cancelled = (folder / "cancelled").exists()
+        status = "cancelled" if cancelled else "failed"
+        return RunProgress(
+            status,
+            progress.round,
+            progress.epsilon,
+            progress.metrics,
+            progress.model_dir,
+            progress.error or "the run's process is gone",
+        )
+    return progress
+
+
+def _alive(folder: Path) -> bool:
+    pid_file = folder / "pid"
+    if not pid_file.exists():
+        return False
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def cancel_run(run_id: str) -> None:
+    """Stop a running run's process (the one facefed started for it).
+
+    Raises:
+        NotFoundError: No such run.
+        ConflictError: The run is not running.
+    """
+    folder = run_dir_of(run_id)
+    if read_progress(folder).status != "running" or not _alive(folder):
+        raise ConflictError(f"Training run {run_id} is not running.")
+    (folder / "cancelled").write_text(str(time.time()))
+    pid = int((folder / "pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    logger.info("Cancelled training run %s", run_id)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A published model version.
+
+    Attributes:
+        model_id: Its id (from its weights' hash).
+        run_id: The run that made it.
+        folder: Its folder.
+        summary: Its training summary (parent, rounds, sites, epsilon, metrics).
+    """
+
+    model_id: str
+    run_id: str
+    folder: Path
+    summary: dict[str, object]
+
+
+def list_model_versions() -> list[ModelVersion]:
+    """Every published model version, newest run first."""
+    versions = []
+    for info in list_runs():
+        folder = runs_dir() / info.run_id / "model"
+        summary_path = folder / SUMMARY_FILE
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            versions.append(
+                ModelVersion(str(summary["model_id"]), info.run_id, folder, summary)
+            )
+    return versions
+
+
+def model_version(model_id: str) -> ModelVersion:
+    """One published version by id.
+
+    Raises:
+        NotFoundError: No published version has that id.
+    """
+    for version in list_model_versions():
+        if version.model_id == model_id:
+            return version
+    raise NotFoundError(f"No published model version {model_id!r}.")
+
+
+def _promotions_path() -> Path:
+    return training_home() / "promotions.json"
+
+
+def promotions() -> dict[str, str]:
+    """The model id of each collection a version was promoted to."""
+    path = _promotions_path()
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def promote(model_id: str, collection: str, *, force_new_gallery: bool = False) -> str:
+    """Make a published version the model of a collection.
+
+    A collection whose gallery holds templates of another model keeps that
+    model unless the new one is its direct child and was measured compatible
+    (cross-model accuracy at least the parent's own on the sites' held-out
+    pairs); `force_new_gallery` acknowledges that the gallery will be
+    re-enrolled instead.
+
+    Returns:
+        The model id now serving the collection.
+
+    Raises:
+        NotFoundError: No such version.
+        ConflictError: The version cannot serve the collection's templates.
+    """
+    from facefed.core.embedding import load_metadata
+    from facefed.models.registry import ModelRegistry
+
+    version = model_version(model_id)
+    current = promotions().get(collection)
+    compat = version.summary.get("compatibility", {})
+    metadata_path = version.folder / f"{model_id}.json"
+    metadata = load_metadata(metadata_path)
+    if current and current != model_id and not force_new_gallery:
+        compatible = isinstance(compat, dict) and bool(compat.get("compatible"))
+        if metadata.parent_id != current or not compatible:
+            raise ConflictError(
+                f"Collection {collection!r} holds templates of model {current}; "
+                f"{model_id} is not a backward-compatible child of it (cross-model "
+                "accuracy below the parent's own, or another parent). Train with "
+                "--compat l2 from that model, or re-enroll the gallery."
+            )
+    ModelRegistry().register_onnx(version.folder / metadata.onnx_file, metadata)
+    table = promotions() | {collection: model_id}
+    _promotions_path().parent.mkdir(parents=True, exist_ok=True)
+    _promotions_path().write_text(json.dumps(table, indent=1))
+    logger.info("Model %s promoted to collection %s", model_id, collection)
+    return model_id
