@@ -245,8 +245,12 @@ def run_evaluation(
             )
     runs["all"] = runs["frames"] + runs["crops_whole"]
     threshold = checker.threshold
-    summaries = {name: summarise(scored, threshold) for name, scored in runs.items()}
-    if calibrate:
+    summaries = {
+        name: summarise(scored, threshold)
+        for name, scored in runs.items()
+        if any(not math.isnan(s.score) for s in scored)
+    }
+    if calibrate and "all" in summaries:
         summaries["all"]["calibrated_threshold"] = calibration(
             runs["all"], max_apcer=max_apcer
         )
