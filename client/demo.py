@@ -13,6 +13,7 @@ with a message naming the step, and everything started is stopped.
 import csv
 import json
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -68,6 +69,9 @@ class DemoConfig:
         seed: Seed of every random choice (people, sites, DP noise).
         data_dir: The test data folder (holds `lfw/manifest.csv` and
             `antispoof/`); the repository's `tests/data` when None.
+        shared_dir: The shared data set (`identity/lfw_deepfunneled/`), used
+            for the people when present and not `fast`; by default
+            `FACEFED_SHARED_DATA` or `../shared/data` beside the repository.
     """
 
     output: Path = Path("demo-output")
@@ -75,6 +79,7 @@ class DemoConfig:
     fast: bool = False
     seed: int = 7
     data_dir: Path | None = None
+    shared_dir: Path | None = None
 
     @property
     def rounds(self) -> int:
@@ -158,6 +163,29 @@ def _consent(ctx: DemoContext) -> ConsentRecord:
     )
 
 
+def _shared_lfw(config: DemoConfig) -> Path | None:
+    if config.fast:
+        return None
+    shared = config.shared_dir or Path(
+        os.environ.get("FACEFED_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")
+    )
+    folder = shared / "identity" / "lfw_deepfunneled"
+    return folder if folder.is_dir() else None
+
+
+def _read_shared_people(folder: Path) -> tuple[list[Person], list[Person]]:
+    """LFW people of the shared set: three photos each, and one-photo strangers."""
+    enrollable: list[Person] = []
+    strangers: list[Person] = []
+    for person in sorted(p for p in folder.iterdir() if p.is_dir()):
+        photos = tuple(sorted(person.glob("*.jpg")))
+        if len(photos) >= 3:
+            enrollable.append(Person(person.name, photos[:3]))
+        elif len(photos) == 1:
+            strangers.append(Person(person.name, photos))
+    return enrollable, strangers
+
+
 def _read_people(data_dir: Path) -> tuple[list[Person], list[Person]]:
     """People with three photos (enrollable) and people with one (strangers)."""
     photos: dict[str, list[Path]] = {}
@@ -180,7 +208,13 @@ def prepare_folder(ctx: DemoContext) -> None:
     if ctx.work.exists():
         shutil.rmtree(ctx.work)
     (ctx.work / "server").mkdir(parents=True)
-    enrollable, strangers = _read_people(ctx.data_dir)
+    shared = _shared_lfw(ctx.config)
+    if shared is not None:
+        enrollable, strangers = _read_shared_people(shared)
+        ctx.console.print(f"people from the shared LFW set in {shared}")
+    else:
+        enrollable, strangers = _read_people(ctx.data_dir)
+        ctx.console.print(f"people from {ctx.data_dir / 'lfw'}")
     per_site = ctx.config.people_per_site
     if ctx.config.fast:
         per_site = min(per_site, 6)
@@ -195,11 +229,14 @@ def prepare_folder(ctx: DemoContext) -> None:
         DemoSite("site-a", people=chosen[:per_site]),
         DemoSite("site-b", people=chosen[per_site : 2 * per_site]),
     ]
-    # People who were never enrolled: the rest of the three-photo people and
-    # the one-photo strangers; each is tried once.
-    ctx.strangers = chosen[2 * per_site :] + strangers
+    # People who were never enrolled: some of the remaining three-photo people
+    # (also the sites' held-out evaluation people) and one-photo strangers;
+    # each is tried once.
+    others = [strangers[i] for i in ctx.rng.permutation(len(strangers))]
+    ctx.strangers = chosen[2 * per_site :][:8] + others[:12]
     if ctx.config.fast:
         ctx.strangers = ctx.strangers[:6]
+    _fill_training_folders(ctx)
     ctx.console.print(
         f"{len(ctx.sites[0].people)} + {len(ctx.sites[1].people)} people to enroll "
         f"at two sites, {len(ctx.strangers)} people never enrolled"
