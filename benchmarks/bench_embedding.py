@@ -1,0 +1,185 @@
+"""Embedding speed: our ONNX ResNet (onnxruntime) beside dlib's face descriptor.
+
+Run: `.venv/bin/python -m benchmarks.bench_embedding [--repeats N] [--threads T]`.
+
+Both run in this process on the same 150x150 chips (made by dlib's HOG
+detector, 5-point predictor and get_face_chip from tests/data/lfw), at batch
+1 and batch 32; PyTorch (the training form of the same network) is timed too.
+onnxruntime and torch get `--threads` threads (default 1, one core each
+side; dlib keeps its own default threading). Times are medians
+after a warm-up. Writes benchmarks/results/embedding.{json,md} and the
+embedding section of BENCHMARKS.md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+SECTIONS = ("detection", "embedding", "liveness", "gallery", "privacy", "federated")
+TARGET_SPEEDUP = 8.0
+BATCHES = (1, 32)
+
+
+def _median_time(function: Callable[[], object], repeats: int) -> float:
+    function()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _chips(count: int):
+    import dlib
+    import face_recognition_models as frm
+    import numpy as np
+    from PIL import Image
+
+    detector = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(frm.pose_predictor_five_point_model_location())
+    chips = []
+    for path in sorted((REPO / "tests" / "data" / "lfw").glob("*/*.jpg")):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        boxes = detector(image, 1)
+        if boxes:
+            chips.append(
+                dlib.get_face_chip(image, predictor(image, boxes[0]), 150, 0.25)
+            )
+        if len(chips) == count:
+            break
+    return np.stack(chips)
+
+
+def run(repeats: int, threads: int) -> dict[str, object]:
+    os.environ["FACEFED_THREADS"] = str(threads)
+    import dlib
+    import face_recognition_models as frm
+    import numpy as np
+    import torch
+
+    from facefed.core.settings import get_core_settings
+    from facefed.models.dlib_resnet import load_dlib_resnet
+    from facefed.models.zoo import load_default_embedder
+
+    get_core_settings.cache_clear()
+    torch.set_num_threads(threads)
+    chips = _chips(max(BATCHES))
+    reference = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+    embedder = load_default_embedder()
+    network = load_dlib_resnet()
+
+    def torch_embed(batch: np.ndarray) -> object:
+        with torch.no_grad():
+            return network(torch.from_numpy(batch).permute(0, 3, 1, 2).float())
+
+    rows = []
+    for size in BATCHES:
+        batch = chips[:size]
+        as_list = list(batch)
+        dlib_time = _median_time(
+            lambda as_list=as_list: reference.compute_face_descriptor(as_list), repeats
+        )
+        onnx_time = _median_time(lambda batch=batch: embedder.embed(batch), repeats)
+        torch_time = _median_time(lambda batch=batch: torch_embed(batch), repeats)
+        rows.append(
+            {
+                "batch": size,
+                "dlib_ms_per_face": 1000 * dlib_time / size,
+                "onnxruntime_ms_per_face": 1000 * onnx_time / size,
+                "torch_ms_per_face": 1000 * torch_time / size,
+                "speedup_onnx_vs_dlib": dlib_time / onnx_time,
+            }
+        )
+    ours = embedder.embed_raw(chips[:8])
+    theirs = np.array(reference.compute_face_descriptor(list(chips[:8])))
+    return {
+        "rows": rows,
+        "max_abs_difference_vs_dlib": float(np.abs(ours - theirs).max()),
+        "providers": embedder.providers,
+        "model_id": embedder.metadata.model_id,
+    }
+
+
+def render_markdown(report: dict) -> str:
+    lines = [
+        f"Measured {report['date']} on {report['machine']}; onnxruntime and torch "
+        f"with {report['threads']} thread(s), dlib {report['dlib_version']} with "
+        f"its default threading; {report['load_note']}",
+        "",
+        "| batch | dlib compute_face_descriptor | ours, onnxruntime | ours, PyTorch | "
+        "speed-up (dlib / onnxruntime) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['batch']} | {row['dlib_ms_per_face']:.1f} ms/face | "
+            f"{row['onnxruntime_ms_per_face']:.2f} ms/face | "
+            f"{row['torch_ms_per_face']:.2f} ms/face | "
+            f"{row['speedup_onnx_vs_dlib']:.1f}x |"
+        )
+    lines += [
+        "",
+        f"Target: at least {TARGET_SPEEDUP:g}x at batch 1 and 32. Same chips, same "
+        f"weights: max |ours - dlib| = {report['max_abs_difference_vs_dlib']:.1e} "
+        f"per element. Model {report['model_id']}, providers {report['providers']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_benchmarks_md(section_text: str) -> None:
+    if BENCHMARKS_MD.exists():
+        text = BENCHMARKS_MD.read_text()
+    else:
+        text = "# Benchmarks\n\n" + "".join(
+            f"<!-- section: {name} -->\n\n" for name in SECTIONS
+        )
+    marker = "<!-- section: embedding -->"
+    if marker not in text:
+        text += f"\n{marker}\n\n"
+    start = text.index(marker) + len(marker)
+    following = re.search(r"<!-- section: ", text[start:])
+    end = start + following.start() if following else len(text)
+    body = "\n\n## Embedding: ONNX ResNet vs dlib\n\n" + section_text + "\n"
+    BENCHMARKS_MD.write_text(text[:start] + body + text[end:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--load-note",
+        default="8 engineers shared the machine's 2 cores while this ran.",
+    )
+    arguments = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(arguments.threads))
+    import dlib
+
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "threads": arguments.threads,
+        "dlib_version": dlib.__version__,
+        "load_note": arguments.load_note,
+        **run(arguments.repeats, arguments.threads),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "embedding.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = render_markdown(report)
+    (RESULTS / "embedding.md").write_text(markdown)
+    update_benchmarks_md(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,486 @@
+"""1:1 verification evaluation on a pairs protocol (LFW style), with an embedding cache.
+
+Steps: read the pairs; detect, align and embed every distinct image once
+(cached in an ``.npz`` keyed by path, modification time, model id and
+detector); score each pair by cosine similarity; report k-fold accuracy, TAR
+at fixed FAR, EER, and ROC/DET plots; optionally calibrate the model's
+thresholds by target FMR.
+
+Images where the detector finds no face are never dropped. They are counted,
+listed, and embedded from a fallback chip: the face is assumed to sit where
+faces sit in the other images of the same run (the median of the detected
+landmarks, in relative image coordinates), which suits LFW's centred,
+deep-funneled photos. Accuracy is reported on all pairs (fallback included,
+the headline figure) and, separately, on the pairs whose two faces were both
+detected.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from facefed.core.embedding import Embedder
+from facefed.core.errors import ConfigurationError, FacefedError
+from facefed.core.types import Face, FloatArray, ImageArray
+from facefed.core.verification import (
+    equal_error_rate,
+    kfold_accuracy,
+    roc_curve,
+    tar_at_far,
+    threshold_at_fmr,
+)
+
+logger = logging.getLogger(__name__)
+
+REPORT_FARS = (1e-2, 1e-3)
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One verification pair of a protocol."""
+
+    fold: int
+    path1: str
+    path2: str
+    same: bool
+
+
+@dataclass
+class ImageEmbedding:
+    """Embedding of one image and how it was obtained."""
+
+    embedding: FloatArray
+    detected: bool
+    box: list[float] = field(default_factory=list)
+
+
+def read_pairs(csv_path: Path) -> list[Pair]:
+    """Read ``fold,path1,path2,same`` rows (the fold column is optional).
+
+    Raises:
+        ConfigurationError: The file is missing or malformed.
+    """
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as error:
+        raise ConfigurationError(
+            f"Cannot read pairs file {csv_path}: {error}"
+        ) from error
+    pairs = []
+    for number, row in enumerate(rows, start=2):
+        try:
+            pairs.append(
+                Pair(
+                    fold=int(row.get("fold") or 1),
+                    path1=row["path1"],
+                    path2=row["path2"],
+                    same=int(row["same"]) == 1,
+                )
+            )
+        except (KeyError, ValueError, TypeError) as error:
+            raise ConfigurationError(
+                f"Line {number} of {csv_path} is not fold,path1,path2,same: {row}."
+            ) from error
+    if not pairs:
+        raise ConfigurationError(f"The pairs file {csv_path} has no pairs.")
+    return pairs
+
+
+def choose_face(faces: Sequence[Face], width: int, height: int) -> Face | None:
+    """Pick the face nearest the image centre (larger first on a tie).
+
+    Protocol images such as LFW's are centred on the person of interest;
+    the closest face to the centre is that person even when others appear.
+    """
+    usable = [f for f in faces if f.landmarks is not None]
+    if not usable:
+        return None
+    centre = np.array([width / 2.0, height / 2.0])
+
+    def rank(face: Face) -> tuple[float, float]:
+        middle = np.array(
+            [(face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2]
+        )
+        distance = float(np.linalg.norm(middle - centre)) / max(width, height)
+        return round(distance, 2), -face.width * face.height
+
+    return min(usable, key=rank)
+
+
+class EmbeddingCache:
+    """Embeddings of images on disk, keyed by path, mtime, model and detector."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries: dict[str, tuple[FloatArray, bool, list[float]]] = {}
+        self._dirty = False
+        if path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                if int(data["version"]) != CACHE_VERSION:
+                    return
+                for key, emb, det, box in zip(
+                    data["keys"],
+                    data["embeddings"],
+                    data["detected"],
+                    data["boxes"],
+                    strict=True,
+                ):
+                    self._entries[str(key)] = (emb, bool(det), box.tolist())
+        except (OSError, KeyError, ValueError) as error:
+            logger.warning(
+                "Ignoring unreadable embedding cache %s: %s", self.path, error
+            )
+
+    @staticmethod
+    def key(image_path: Path, model_id: str, detector: str) -> str:
+        """Return the cache key of an image for a model and detector."""
+        stat = image_path.stat()
+        parts = (
+            image_path.resolve(),
+            stat.st_mtime_ns,
+            stat.st_size,
+            model_id,
+            detector,
+        )
+        text = "|".join(str(part) for part in parts)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, key: str) -> ImageEmbedding | None:
+        """Return a cached embedding, if any."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        return ImageEmbedding(entry[0], entry[1], [v for v in entry[2] if v == v])
+
+    def put(self, key: str, item: ImageEmbedding) -> None:
+        """Store an embedding (written by ``save``)."""
+        box = (item.box + [float("nan")] * 4)[:4]
+        self._entries[key] = (item.embedding, item.detected, box)
+        self._dirty = True
+
+    def save(self) -> None:
+        """Write the cache atomically if anything changed."""
+        if not self._dirty or not self._entries:
+            return
+        keys = sorted(self._entries)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.path.stem}.tmp.npz")
+        np.savez(
+            temporary,
+            version=np.array(CACHE_VERSION),
+            keys=np.array(keys),
+            embeddings=np.stack([self._entries[k][0] for k in keys]),
+            detected=np.array([self._entries[k][1] for k in keys]),
+            boxes=np.array([self._entries[k][2] for k in keys], dtype=np.float32),
+        )
+        temporary.replace(self.path)
+        self._dirty = False
+
+
+@dataclass
+class _Pending:
+    key: str
+    path: Path
+    image: ImageArray
+    face: Face | None
+
+
+Aligner = Callable[[ImageArray, npt.NDArray[np.float32]], ImageArray]
+
+
+def aligner_for(embedder: Embedder) -> Aligner:
+    """Return the alignment function the embedder's metadata asks for."""
+    from facefed.core.align import align_arcface, align_dlib_chip
+
+    meta = embedder.metadata
+    if meta.alignment == "dlib_chip_150":
+        return lambda image, points: align_dlib_chip(
+            image, points, size=meta.input_size, padding=0.25
+        )
+    return lambda image, points: align_arcface(image, points, size=meta.input_size)
+
+
+class ImageEmbedder:
+    """Detect, align and embed protocol images, with fallback and cache."""
+
+    def __init__(
+        self,
+        detector: Any,
+        embedder: Embedder,
+        *,
+        detector_name: str,
+        cache: EmbeddingCache | None,
+    ) -> None:
+        self.detector = detector
+        self.embedder = embedder
+        self.detector_name = detector_name
+        self.cache = cache
+        self._align = aligner_for(embedder)
+
+    def embed_all(
+        self, paths: Sequence[Path], progress: Callable[[int], None] | None = None
+    ) -> dict[Path, ImageEmbedding]:
+        """Embed every image; ``progress(n)`` is called as images complete."""
+        from facefed.core.image import decode_image
+
+        results: dict[Path, ImageEmbedding] = {}
+        pending: list[_Pending] = []
+        model_id = self.embedder.metadata.model_id
+        for path in paths:
+            key = EmbeddingCache.key(path, model_id, self.detector_name)
+            cached = self.cache.get(key) if self.cache else None
+            if cached is not None:
+                results[path] = cached
+            else:
+                image = decode_image(path)
+                faces = self.detector.detect(image)
+                face = choose_face(faces, image.shape[1], image.shape[0])
+                pending.append(_Pending(key, path, image, face))
+            if progress:
+                progress(1)
+        if pending:
+            self._embed_pending(pending, results)
+        return results
+
+    def _fallback_landmarks(self, pending: list[_Pending]) -> FloatArray:
+        relative = [
+            p.face.landmarks / np.array([p.image.shape[1], p.image.shape[0]])
+            for p in pending
+            if p.face is not None and p.face.landmarks is not None
+        ]
+        if not relative:
+            raise FacefedError(
+                "No face was detected in any image; cannot place a fallback chip."
+            )
+        return np.median(np.stack(relative), axis=0).astype(np.float32)
+
+    def _embed_pending(
+        self, pending: list[_Pending], results: dict[Path, ImageEmbedding]
+    ) -> None:
+        missed = [p for p in pending if p.face is None]
+        fallback = self._fallback_landmarks(pending) if missed else None
+        for start in range(0, len(pending), 64):
+            batch = pending[start : start + 64]
+            chips = np.stack([self._chip(p, fallback) for p in batch])
+            embeddings = self.embedder.embed(chips)
+            for item, embedding in zip(batch, embeddings, strict=True):
+                box = item.face.box.tolist() if item.face is not None else []
+                result = ImageEmbedding(embedding, item.face is not None, box)
+                results[item.path] = result
+                if self.cache:
+                    self.cache.put(item.key, result)
+        if self.cache:
+            self.cache.save()
+
+    def _chip(self, item: _Pending, fallback: FloatArray | None) -> ImageArray:
+        if item.face is not None and item.face.landmarks is not None:
+            points = item.face.landmarks
+        elif fallback is None:
+            raise FacefedError(f"No landmarks and no fallback for {item.path}.")
+        else:
+            points = fallback * np.array([item.image.shape[1], item.image.shape[0]])
+        return self._align(item.image, np.asarray(points, np.float32))
+
+
+@dataclass
+class VerificationReport:
+    """Result of ``evaluate_pairs``."""
+
+    model_id: str
+    detector: str
+    pairs: int
+    images: int
+    no_face_images: list[str]
+    pairs_with_fallback: int
+    accuracy: float
+    accuracy_std: float
+    fold_accuracies: list[float]
+    fold_thresholds: list[float]
+    accuracy_detected_only: float | None
+    tar_at_far: dict[str, float]
+    thresholds_at_fmr: dict[str, float]
+    eer: float
+    eer_threshold: float
+    scores: FloatArray = field(repr=False)
+    same: npt.NDArray[np.bool_] = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """Return the report as JSON-ready values (no per-pair scores)."""
+        return {
+            "model_id": self.model_id,
+            "detector": self.detector,
+            "pairs": self.pairs,
+            "images": self.images,
+            "no_face_images": len(self.no_face_images),
+            "no_face_image_paths": self.no_face_images,
+            "pairs_with_fallback": self.pairs_with_fallback,
+            "kfold_accuracy": self.accuracy,
+            "kfold_accuracy_std": self.accuracy_std,
+            "fold_accuracies": self.fold_accuracies,
+            "fold_thresholds": self.fold_thresholds,
+            "kfold_accuracy_detected_pairs_only": self.accuracy_detected_only,
+            "tar_at_far": self.tar_at_far,
+            "thresholds_at_fmr": self.thresholds_at_fmr,
+            "eer": self.eer,
+            "eer_threshold": self.eer_threshold,
+        }
+
+
+def score_pairs(
+    pairs: Sequence[Pair], root: Path, embeddings: dict[Path, ImageEmbedding]
+) -> FloatArray:
+    """Cosine similarity of every pair (embeddings are unit length)."""
+    return np.array(
+        [
+            float(
+                embeddings[root / p.path1].embedding
+                @ embeddings[root / p.path2].embedding
+            )
+            for p in pairs
+        ],
+        dtype=np.float32,
+    )
+
+
+def build_report(
+    pairs: Sequence[Pair],
+    root: Path,
+    embeddings: dict[Path, ImageEmbedding],
+    *,
+    model_id: str,
+    detector: str,
+) -> VerificationReport:
+    """Compute every metric of a scored protocol."""
+    scores = score_pairs(pairs, root, embeddings)
+    same = np.array([p.same for p in pairs])
+    folds = np.array([p.fold for p in pairs])
+    both = np.array(
+        [
+            embeddings[root / p.path1].detected and embeddings[root / p.path2].detected
+            for p in pairs
+        ]
+    )
+    result = kfold_accuracy(scores, same, folds)
+    detected_only = None
+    if both.sum() and not both.all():
+        detected_only = kfold_accuracy(scores[both], same[both], folds[both]).mean
+    tars, thresholds = {}, {}
+    for far in REPORT_FARS:
+        tar, threshold = tar_at_far(scores, same, far)
+        tars[f"{far:g}"] = tar
+        thresholds[f"{far:g}"] = threshold
+    eer, eer_threshold = equal_error_rate(scores, same)
+    missed = sorted(
+        str(path.relative_to(root)) for path, e in embeddings.items() if not e.detected
+    )
+    return VerificationReport(
+        model_id=model_id,
+        detector=detector,
+        pairs=len(pairs),
+        images=len(embeddings),
+        no_face_images=missed,
+        pairs_with_fallback=int((~both).sum()),
+        accuracy=result.mean,
+        accuracy_std=result.std,
+        fold_accuracies=result.accuracies,
+        fold_thresholds=result.thresholds,
+        accuracy_detected_only=detected_only,
+        tar_at_far=tars,
+        thresholds_at_fmr=thresholds,
+        eer=eer,
+        eer_threshold=eer_threshold,
+        scores=scores,
+        same=same,
+    )
+
+
+def calibrated_thresholds(
+    report: VerificationReport, fmrs: Sequence[float] = REPORT_FARS
+) -> dict[str, float]:
+    """Thresholds at each target FMR measured on the report's pairs.
+
+    Raises:
+        ConfigurationError: A target FMR is finer than the impostor pairs can
+            measure (fewer than one expected false match).
+    """
+    from facefed.core.embedding import fmr_key
+
+    impostors = int((~report.same).sum())
+    thresholds = {}
+    for fmr in fmrs:
+        if fmr * impostors < 1:
+            raise ConfigurationError(
+                f"FMR {fmr:g} cannot be calibrated on {impostors} impostor pairs."
+            )
+        thresholds[fmr_key(fmr)] = threshold_at_fmr(report.scores, report.same, fmr)
+    return thresholds
+
+
+def save_plots(report: VerificationReport, folder: Path) -> list[Path]:
+    """Save the ROC (TAR vs FAR, log scale) and DET (normal deviates) curves as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    roc = roc_curve(report.scores, report.same)
+    label = f"{report.model_id} + {report.detector}"
+    paths = []
+
+    figure, axes = plt.subplots(figsize=(5, 4))
+    axes.semilogx(np.clip(roc.fmr, 1e-5, 1), roc.tmr, label=label)
+    axes.set(
+        xlabel="False accept rate (FAR)",
+        ylabel="True accept rate (TAR)",
+        title=f"ROC, {report.pairs} pairs",
+        xlim=(1e-4, 1),
+        ylim=(0.8, 1.0),
+    )
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right", fontsize=7)
+    paths.append(folder / "roc.png")
+    figure.tight_layout()
+    figure.savefig(paths[-1], dpi=120)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(5, 4))
+    eps = 1e-4
+    axes.plot(
+        norm.ppf(np.clip(roc.fmr, eps, 1 - eps)),
+        norm.ppf(np.clip(roc.fnmr, eps, 1 - eps)),
+        label=label,
+    )
+    ticks = [1e-3, 1e-2, 0.05, 0.2, 0.5]
+    axes.set_xticks(norm.ppf(ticks), [f"{t:g}" for t in ticks])
+    axes.set_yticks(norm.ppf(ticks), [f"{t:g}" for t in ticks])
+    axes.set(
+        xlabel="False match rate",
+        ylabel="False non-match rate",
+        title="DET (normal deviate scale)",
+        xlim=norm.ppf([5e-4, 0.5]),
+        ylim=norm.ppf([5e-4, 0.5]),
+    )
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="upper right", fontsize=7)
+    paths.append(folder / "det.png")
+    figure.tight_layout()
+    figure.savefig(paths[-1], dpi=120)
+    plt.close(figure)
+    return paths
