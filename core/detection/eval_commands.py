@@ -75,10 +75,10 @@ def create_sweep_detector(spec: str, operating: "Detector") -> "Detector":
         return RetinaFaceDetector(
             RetinaFaceConfig(score_threshold=SWEEP_SCORE_THRESHOLD)
         )
-    with_threshold = getattr(operating, "with_score_threshold", None)
-    if callable(with_threshold):
-        swept: Detector = with_threshold(SWEEP_SCORE_THRESHOLD)
-        return swept
+    if spec == "yunet":
+        from facefed.core.detection.yunet import YuNetDetector
+
+        return YuNetDetector(score_threshold=SWEEP_SCORE_THRESHOLD)
     return operating
 
 
@@ -100,18 +100,24 @@ def _detect_table(reports: list["DetectorReport"], data: "EvaluationData") -> "T
     """One row per detector with every figure of the run."""
     from rich.table import Table
 
-    table = Table(title=f"Face detection on {data.root}")
-    table.add_column("detector")
-    for setting in ("easy", "medium", "hard"):
-        table.add_column(f"WIDER {setting} AP", justify="right")
-    table.add_column("PASCAL recall@0.4", justify="right")
-    table.add_column("PASCAL precision@0.4", justify="right")
-    for item in data.counts:
-        expected = "crowd" if item.expected < 0 else str(item.expected)
-        table.add_column(f"{item.path.stem} ({expected})", justify="right")
-    for image in data.landmarks:
-        table.add_column(f"NME {image.path.stem}", justify="right")
-    table.add_column("ms/image", justify="right")
+    counts_note = ", ".join(
+        f"{item.path.stem} ({'crowd' if item.expected < 0 else item.expected})"
+        for item in data.counts
+    )
+    table = Table(
+        title=f"Face detection on {data.root}",
+        caption=(
+            "AP: WIDER FACE val, IoU 0.5. R/P: recall (found/faces) and precision "
+            "(false positives) on dlib's PASCAL faces, IoU 0.4. Counts: faces found "
+            f"in {counts_note or 'no group photos'}. NME: mean five-point error / "
+            "inter-ocular distance over the .pts photos."
+        ),
+    )
+    table.add_column("detector", no_wrap=True, min_width=10)
+    for column in ("easy AP", "medium AP", "hard AP", "PASCAL R", "PASCAL P"):
+        table.add_column(column, justify="right")
+    for column in ("counts", "NME", "ms/img"):
+        table.add_column(column, justify="right")
     for report in reports:
         pascal = report.pascal
         row = [report.detector]
@@ -121,16 +127,15 @@ def _detect_table(reports: list["DetectorReport"], data: "EvaluationData") -> "T
                 f"{_fmt(pascal['recall'])} ({pascal['true_positives']:.0f}/"
                 f"{pascal['faces']:.0f})"
             )
-            row.append(
-                f"{_fmt(pascal['precision'])} ({pascal['false_positives']:.0f} FP)"
-            )
+            row.append(f"{_fmt(pascal['precision'])} ({pascal['false_positives']:.0f})")
         else:
             row += ["-", "-"]
-        row += [str(count["found"]) for count in report.counts]
-        row += [
-            "no landmarks" if report.landmarks_missing else _fmt(value)
-            for value in report.nme.values()
-        ]
+        row.append(" ".join(str(count["found"]) for count in report.counts) or "-")
+        found = [value for value in report.nme.values() if value is not None]
+        if report.landmarks_missing:
+            row.append("none")
+        else:
+            row.append(_fmt(sum(found) / len(found) if found else None))
         row.append(_fmt(report.seconds_per_image * 1000, 0))
         table.add_row(*row)
     return table
