@@ -42,6 +42,11 @@ What each party learns:
 * In 1:1 mode the site learns one score; the packed dot product leaves the
   same sum in every slot, so no partial products leak.
 
+FIXME: a columns probe is about 30 MB for a 128-d template (128 ciphertexts
+of 235 KB), sent once per 1:N search. Poly modulus 4096 would cut it to about
+10 MB, but its decrypted scores drift by about 1e-3, the accuracy budget, so
+large galleries on slow links pay in transfer time.
+
 Parameters: poly_modulus_degree 8192 with coefficient moduli (60, 40, 60)
 bits and scale 2^40, which the Homomorphic Encryption Standard (Albrecht et
 al., 2018) rates at 128-bit security (total 160 bits <= 218). Decrypted
