@@ -10,7 +10,6 @@ database delete. `reconcile` repairs what a crash left half done.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -46,6 +45,11 @@ from facefed.privacy.envelope import (
     seal,
 )
 from facefed.privacy.protection import ProtectionKey, generate_key, get_scheme
+from facefed.privacy.rotation import (
+    RotationTransform,
+    apply_rotation_matrix,
+    plan_rotation,
+)
 from facefed.privacy.templates import ProtectedTemplate
 from facefed.server import audit
 from facefed.server.db import (
@@ -1177,23 +1181,22 @@ class GalleryService:
         *,
         collection_id: str,
         to_version: int,
-        transform_b64: str | None,
+        transform: dict[str, Any] | None,
     ) -> RotationOutcome:
         """Move a collection to a new key version.
 
-        For a re-keyable scheme (``orthonormal-v1``) every template is
-        multiplied by the orthonormal transform R = M_new M_old^T computed by
-        the admin from both keys offline: the server sees R only, never either
-        key and never a raw embedding. For other schemes nothing can be
-        re-keyed: the collection moves to the new version, old templates leave
-        the index, and the subjects to re-enroll are listed.
+        For a re-keyable scheme (``orthonormal-v1``) every template is mapped
+        by the orthonormal transform T = R_new R_old^T that the admin computes
+        from both keys offline (`privacy.rotation.rotation_transform`): the
+        server sees T only, never either key and never a raw embedding. For
+        other schemes nothing can be re-keyed: the collection moves to the new
+        version, old templates leave the index, and the subjects to re-enroll
+        are listed.
         """
         with session_scope(self.sessions) as session:
             collection = self._collection(session, collection_id)
-            transform = (
-                None
-                if transform_b64 is None
-                else decode_transform(transform_b64, collection.dim)
+            parsed = (
+                None if transform is None else RotationTransform.from_wire(transform)
             )
             exists = session.scalars(
                 select(ProtectionKeyRow).where(
@@ -1213,11 +1216,7 @@ class GalleryService:
             )
         scheme = get_scheme(collection.scheme)
         if scheme.rekeyable:
-            if transform is None:
-                raise ProtectionError(
-                    f"Scheme {collection.scheme!r} re-keys with a transform; send one."
-                )
-            _check_orthonormal(transform, collection.dim)
+            self._check_transform(parsed, collection, to_version)
         index = self.gallery.ensure(collection.id, collection.kind, collection.dim)
         with index.lock, self.write_lock, session_scope(self.sessions) as session:
             collection = self._collection(session, collection_id)
@@ -1231,10 +1230,14 @@ class GalleryService:
             )
             from_version = collection.key_version
             reenroll: list[str] = []
-            if scheme.rekeyable and transform is not None:
-                self._rekey_rows(rows, transform, to_version)
-            else:
-                reenroll = sorted({row.subject_id for row in rows})
+            plan = plan_rotation(
+                collection.scheme,
+                {row.subject_id: row.key_version for row in rows},
+                to_version=to_version,
+            )
+            if parsed is not None and plan.rekey:
+                self._rekey_rows(rows, parsed)
+            reenroll = plan.reenroll
             collection.key_version = to_version
             audit.append_event(
                 session,
@@ -1259,19 +1262,40 @@ class GalleryService:
             reenroll,
         )
 
-    def _rekey_rows(
-        self, rows: list[Template], transform: npt.NDArray[np.float64], version: int
+    @staticmethod
+    def _check_transform(
+        transform: RotationTransform | None, collection: Collection, to_version: int
     ) -> None:
+        if transform is None:
+            raise ProtectionError(
+                f"Scheme {collection.scheme!r} re-keys with a transform; send one "
+                "(privacy.rotation.rotation_transform(...).to_wire())."
+            )
+        if (
+            transform.scheme_id != collection.scheme
+            or transform.from_version != collection.key_version
+            or transform.to_version != to_version
+            or transform.dim != collection.dim
+        ):
+            raise ProtectionError(
+                f"The transform maps {transform.scheme_id!r} {transform.dim}-d key "
+                f"version {transform.from_version} to {transform.to_version}; "
+                f"collection {collection.id!r} needs {collection.scheme!r} "
+                f"{collection.dim}-d version {collection.key_version} to {to_version}."
+            )
+
+    def _rekey_rows(self, rows: list[Template], transform: RotationTransform) -> None:
         keys = self.vault.get_many(sorted({row.subject_id for row in rows}))
-        for row in rows:
-            data_key = keys.get(row.subject_id)
-            if data_key is None:
-                continue
-            vector = self._open_template(row, data_key).astype(np.float64)
-            rotated = (transform @ vector).astype(np.float32)
-            rotated /= max(float(np.linalg.norm(rotated)), 1e-12)
-            row.key_version = version
-            self._seal_template(row, rotated, data_key)
+        usable = [row for row in rows if row.subject_id in keys]
+        if not usable:
+            return
+        matrix = np.stack(
+            [self._open_template(row, keys[row.subject_id]) for row in usable]
+        )
+        rotated = apply_rotation_matrix(matrix, transform)
+        for row, vector in zip(usable, rotated, strict=True):
+            row.key_version = transform.to_version
+            self._seal_template(row, vector, keys[row.subject_id])
 
     # -- audit -------------------------------------------------------------------
 
@@ -1313,36 +1337,6 @@ def _consent_dict(consent: Consent) -> dict[str, Any]:
         "retention_days": consent.retention_days,
         "expires_at": as_utc(consent.expires_at).isoformat(),
     }
-
-
-def _check_orthonormal(transform: npt.NDArray[np.float64], dim: int) -> None:
-    if transform.shape != (dim, dim):
-        raise ProtectionError(
-            f"The rotation transform must be {dim}x{dim}; got {transform.shape}."
-        )
-    if not np.all(np.isfinite(transform)):
-        raise ProtectionError("The rotation transform has non-finite values.")
-    error = float(np.abs(transform @ transform.T - np.eye(dim)).max())
-    if error > 1e-4:
-        raise ProtectionError(
-            "The rotation transform is not orthonormal "
-            f"(max |R R^T - I| = {error:.2g})."
-        )
-
-
-def decode_transform(text: str, dim: int) -> npt.NDArray[np.float64]:
-    """Decode a base64 little-endian float64 (or float32) row-major matrix."""
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except ValueError as error:
-        raise ProtectionError("The rotation transform is not valid base64.") from error
-    for dtype in ("<f8", "<f4"):
-        if len(raw) == dim * dim * np.dtype(dtype).itemsize:
-            return np.frombuffer(raw, dtype=dtype).astype(np.float64).reshape(dim, dim)
-    raise ProtectionError(
-        f"The rotation transform must hold {dim}x{dim} float64 or float32 values; "
-        f"got {len(raw)} bytes."
-    )
 
 
 __all__ = ["DecryptionError", "GalleryService"]

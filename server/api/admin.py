@@ -135,7 +135,7 @@ def rotate(
         caller,
         collection_id=collection_id,
         to_version=body.to_version,
-        transform_b64=body.transform,
+        transform=body.transform,
     )
     return RotationPublic(
         collection=outcome.collection,

@@ -309,10 +309,11 @@ class RotationCreate(_Strict):
     """Move a collection to a newer key version."""
 
     to_version: int = Field(ge=1)
-    transform: str | None = Field(
+    transform: dict[str, Any] | None = Field(
         default=None,
-        description="base64 row-major float64 (or float32) dim x dim matrix R "
-        "with new = R @ old; needed by re-keyable schemes",
+        description="`privacy.rotation.RotationTransform.to_wire()` (scheme, "
+        "from_version, to_version, dim, base64 float64 matrix T with new = T old); "
+        "needed by re-keyable schemes, never a key",
     )
 
 
