@@ -11,11 +11,8 @@ import typer
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from facefed.core.detection.evaluation import (
-        Detector,
-        DetectorReport,
-        EvaluationData,
-    )
+    from facefed.core.detection.base import FaceDetector
+    from facefed.core.detection.evaluation import DetectorReport, EvaluationData
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +50,14 @@ def _parse_specs(value: str) -> list[str]:
     return specs
 
 
-def create_operating_detector(spec: str) -> "Detector":
+def create_operating_detector(spec: str) -> "FaceDetector":
     """The detector as deployed, from the detection registry."""
     from facefed.core.detection.registry import create_detector
 
     return create_detector(spec)
 
 
-def create_sweep_detector(spec: str, operating: "Detector") -> "Detector":
+def create_sweep_detector(spec: str, operating: "FaceDetector") -> "FaceDetector":
     """The same detector with a low score threshold, for the WIDER PR sweep.
 
     Detectors whose threshold cannot be lowered through a documented setting

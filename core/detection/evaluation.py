@@ -26,11 +26,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from facefed.core.detection.base import FaceDetector
 from facefed.core.detection.nms import iou_matrix
 from facefed.core.errors import ConfigurationError, ImageError
 from facefed.core.types import Face, ImageArray
@@ -495,16 +496,6 @@ def face_for_annotation(
 # -------------------------------------------------------------------- runs
 
 
-class Detector(Protocol):
-    """What the evaluation needs of a detector (the FaceDetector protocol)."""
-
-    name: str
-
-    def detect(self, image: ImageArray) -> list[Face]:
-        """Return faces sorted by descending score."""
-        ...
-
-
 @dataclass
 class DetectorReport:
     """Every figure of one detector's evaluation run.
@@ -586,7 +577,7 @@ class EvaluationData:
 
 
 def _timed_detect(
-    detector: Detector, path: Path, timings: list[float]
+    detector: FaceDetector, path: Path, timings: list[float]
 ) -> tuple[list[Face], ImageArray]:
     """Run the detector on a file, recording the detection time."""
     image = read_image(path)
@@ -604,7 +595,7 @@ def _as_arrays(faces: Sequence[Face]) -> tuple[FloatArray, FloatArray]:
 
 
 def evaluate_wider(
-    detector: Detector,
+    detector: FaceDetector,
     images: Sequence[AnnotatedImage],
     timings: list[float],
     advance: Callable[[], None] = lambda: None,
@@ -624,7 +615,7 @@ def evaluate_wider(
 
 
 def evaluate_pascal(
-    detector: Detector,
+    detector: FaceDetector,
     images: Sequence[AnnotatedImage],
     timings: list[float],
     advance: Callable[[], None] = lambda: None,
@@ -647,7 +638,7 @@ def evaluate_pascal(
 
 
 def evaluate_landmarks(
-    detector: Detector,
+    detector: FaceDetector,
     images: Sequence[LandmarkImage],
     timings: list[float],
     advance: Callable[[], None] = lambda: None,
@@ -678,10 +669,10 @@ def evaluate_landmarks(
 
 def evaluate_detector(
     spec: str,
-    detector: Detector,
+    detector: FaceDetector,
     data: EvaluationData,
     *,
-    sweep_detector: Detector | None = None,
+    sweep_detector: FaceDetector | None = None,
     advance: Callable[[], None] = lambda: None,
 ) -> DetectorReport:
     """Run every part of the evaluation for one detector.

@@ -1,4 +1,4 @@
-"""Helpers the PyTorch detectors share: input checks, weight loading, Face lists."""
+"""Helpers the PyTorch detectors share: weight loading and Face lists."""
 
 import logging
 from pathlib import Path
@@ -6,32 +6,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from facefed.core.errors import ImageError, ModelError
-from facefed.core.types import Face, ImageArray
+from facefed.core.detection.base import make_face, sort_by_score
+from facefed.core.errors import ModelError
+from facefed.core.types import Face
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-
-
-def check_rgb_image(image: object) -> ImageArray:
-    """Return ``image`` if it is an RGB uint8 array of shape (H, W, 3).
-
-    Raises:
-        ImageError: If the array has another type, dtype or shape, or is empty.
-    """
-    if not isinstance(image, np.ndarray):
-        raise ImageError(
-            f"Expected an RGB image as a numpy array; got {type(image).__name__}."
-        )
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ImageError(
-            "Expected an RGB uint8 image of shape (H, W, 3); got dtype "
-            f"{image.dtype} and shape {image.shape}."
-        )
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ImageError(f"The image is empty: shape {image.shape}.")
-    return image
 
 
 def load_state_dict(path: Path) -> dict[str, object]:
@@ -66,23 +47,16 @@ def faces_from_arrays(
 
     Args:
         boxes: (N, 4) x1, y1, x2, y2.
-        scores: (N,) confidences.
+        scores: (N,) confidences in [0, 1].
         landmarks: (N, 5, 2) in facefed's order, or None.
 
     Returns:
         The faces, highest score first.
     """
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    faces = []
-    for index in order:
-        points = None
-        if landmarks is not None:
-            points = np.asarray(landmarks[index], dtype=np.float32).reshape(5, 2)
-        faces.append(
-            Face(
-                box=np.asarray(boxes[index], dtype=np.float32).reshape(4),
-                score=float(scores[index]),
-                landmarks=points,
-            )
+    faces = [
+        make_face(
+            boxes[i], float(scores[i]), None if landmarks is None else landmarks[i]
         )
-    return faces
+        for i in range(len(boxes))
+    ]
+    return sort_by_score(faces)

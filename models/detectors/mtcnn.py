@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from facefed.core.detection.base import check_image
 from facefed.core.detection.nms import hard_nms
 from facefed.core.errors import ConfigurationError, ModelError
 from facefed.core.types import Face, ImageArray
 from facefed.models.detectors.common import (
     WEIGHTS_DIR,
-    check_rgb_image,
     faces_from_arrays,
     load_state_dict,
 )
@@ -287,7 +287,7 @@ class MtcnnDetector:
         """
         import torch
 
-        image = check_rgb_image(image)
+        check_image(image)
         with torch.inference_mode():
             boxes, _ = self._propose(image)
             if len(boxes):

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from facefed.core.detection.base import check_image
 from facefed.core.detection.nms import hard_nms
 from facefed.core.errors import ConfigurationError, ModelError
 from facefed.core.types import Face, ImageArray
 from facefed.models.detectors.common import (
     WEIGHTS_DIR,
-    check_rgb_image,
     faces_from_arrays,
     load_state_dict,
 )
@@ -365,7 +365,7 @@ class RetinaFaceDetector:
         import cv2
         import torch
 
-        image = check_rgb_image(image)
+        check_image(image)
         height, width = image.shape[:2]
         scale = 1.0
         if self.config.max_side is not None and max(height, width) > (
