@@ -1,4 +1,4 @@
-"""The audit log's hash chain detects edited and removed events, in the API and the CLI."""
+"""The audit hash chain detects edited and removed events (API and CLI)."""
 
 import numpy as np
 from conftest import consent, unit_vectors, wire

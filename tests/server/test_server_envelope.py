@@ -91,7 +91,7 @@ def _stored_templates(url: str) -> list[tuple[str, int, bytes]]:
 
 
 def test_backup_copy_is_unreadable_after_erasure(settings, tmp_path):
-    """Crypto-shredding: a database copy taken before erasure cannot be decrypted after."""
+    """Crypto-shredding: a DB copy made before erasure cannot be decrypted after."""
     from facefed.server.vault import KeyVault
 
     if not settings.resolved_database_url.startswith("sqlite"):

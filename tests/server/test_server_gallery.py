@@ -203,7 +203,7 @@ def test_crash_between_db_commit_and_index_add(settings, crash_world, monkeypatc
 
 
 def test_crash_between_index_remove_and_db_delete(settings, crash_world, monkeypatch):
-    """An erasure cut short is finished at restart: nothing stays stored or searchable."""
+    """An erasure cut short is finished at restart: nothing stored or searchable."""
     from facefed.core.errors import GoneError
     from facefed.server.security import Principal
 

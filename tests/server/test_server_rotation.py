@@ -1,4 +1,4 @@
-"""Key rotation: re-keying orthonormal templates with a transform, re-enrollment lists."""
+"""Key rotation: orthonormal re-keying by a transform; re-enrollment lists."""
 
 import numpy as np
 import pytest
