@@ -33,7 +33,8 @@ import numpy.typing as npt
 
 from facefed.core.detection.base import FaceDetector
 from facefed.core.detection.nms import iou_matrix
-from facefed.core.errors import ConfigurationError, ImageError
+from facefed.core.errors import ConfigurationError
+from facefed.core.image import decode_image
 from facefed.core.types import Face, ImageArray
 
 logger = logging.getLogger(__name__)
@@ -272,20 +273,11 @@ def load_landmark_images(root: Path) -> list[LandmarkImage]:
 
 
 def read_image(path: Path) -> ImageArray:
-    """Decode an image file to RGB uint8 (A's decoder when present, else OpenCV).
+    """Decode an image file to RGB uint8 with the pipeline's decoder.
 
     Raises:
         ImageError: If the file cannot be decoded.
     """
-    try:
-        from facefed.core.image import decode_image
-    except ImportError:  # the pipeline part is not installed yet
-        import cv2
-
-        pixels = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if pixels is None:
-            raise ImageError(f"Cannot decode the image {path}.") from None
-        return np.ascontiguousarray(pixels[:, :, ::-1])
     return decode_image(path)
 
 
