@@ -85,3 +85,12 @@ def test_bad_input_and_settings_are_refused(detector):
         MtcnnConfig(min_face_size=5)
     with pytest.raises(ConfigurationError, match="thresholds"):
         MtcnnConfig(thresholds=(0.6, 1.5, 0.7))
+
+
+def test_registry_builds_mtcnn_through_its_entry_point():
+    from facefed.core.detection.base import FaceDetector
+    from facefed.core.detection.registry import create_detector as from_registry
+    from facefed.models.detectors.mtcnn import MtcnnDetector
+
+    detector = from_registry("mtcnn")
+    assert isinstance(detector, MtcnnDetector) and isinstance(detector, FaceDetector)

@@ -146,3 +146,12 @@ def test_onnx_export_matches_torch(tmp_path, test_data):
         torch_out = load_retinaface()(torch.from_numpy(blob))
     for ours, theirs in zip(onnx_out, torch_out, strict=True):
         np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_registry_builds_retinaface_through_its_entry_point():
+    from facefed.core.detection.base import FaceDetector
+    from facefed.core.detection.registry import create_detector as from_registry
+
+    detector = from_registry("retinaface")
+    assert isinstance(detector, RetinaFaceDetector)
+    assert isinstance(detector, FaceDetector) and detector.name == "retinaface"
