@@ -163,6 +163,10 @@ class MtcnnConfig:
         thresholds: Face probability kept after P-Net, R-Net and O-Net.
         nms_iou: IoU of the suppression within a scale, across scales,
             after R-Net and after O-Net.
+
+    FIXME: the reference implementation suppresses O-Net's boxes by
+    intersection over the smaller box; here every stage uses IoU, so a small
+    box nested in a larger one can survive (seen as extra tiny detections).
     """
 
     min_face_size: int = 20
