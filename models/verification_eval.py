@@ -42,7 +42,8 @@ from facefed.core.verification import (
 logger = logging.getLogger(__name__)
 
 REPORT_FARS = (1e-2, 1e-3)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class EmbeddingCache:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._entries: dict[str, tuple[FloatArray, bool, list[float]]] = {}
+        self._landmarks: list[FloatArray] = []
         self._dirty = False
         if path.is_file():
             self._load()
@@ -141,6 +143,7 @@ class EmbeddingCache:
                     strict=True,
                 ):
                     self._entries[str(key)] = (emb, bool(det), box.tolist())
+                self._landmarks = list(data["landmarks"])
         except (OSError, KeyError, ValueError) as error:
             logger.warning(
                 "Ignoring unreadable embedding cache %s: %s", self.path, error
@@ -173,6 +176,14 @@ class EmbeddingCache:
         self._entries[key] = (item.embedding, item.detected, box)
         self._dirty = True
 
+    def add_landmarks(self, relative: FloatArray) -> None:
+        """Remember detected landmarks (relative to image size) for fallbacks."""
+        self._landmarks.append(np.asarray(relative, np.float32))
+
+    def landmarks(self) -> list[FloatArray]:
+        """Every remembered relative landmark set."""
+        return list(self._landmarks)
+
     def save(self) -> None:
         """Write the cache atomically if anything changed."""
         if not self._dirty or not self._entries:
@@ -187,17 +198,17 @@ class EmbeddingCache:
             embeddings=np.stack([self._entries[k][0] for k in keys]),
             detected=np.array([self._entries[k][1] for k in keys]),
             boxes=np.array([self._entries[k][2] for k in keys], dtype=np.float32),
+            landmarks=np.array(self._landmarks, np.float32).reshape(-1, 5, 2),
         )
         temporary.replace(self.path)
         self._dirty = False
 
 
 @dataclass
-class _Pending:
+class _Missed:
     key: str
     path: Path
     image: ImageArray
-    face: Face | None
 
 
 Aligner = Callable[[ImageArray, npt.NDArray[np.float32]], ImageArray]
@@ -231,70 +242,106 @@ class ImageEmbedder:
         self.detector_name = detector_name
         self.cache = cache
         self._align = aligner_for(embedder)
+        self._relative_landmarks: list[FloatArray] = []
 
     def embed_all(
         self, paths: Sequence[Path], progress: Callable[[int], None] | None = None
     ) -> dict[Path, ImageEmbedding]:
-        """Embed every image; ``progress(n)`` is called as images complete."""
-        from facefed.core.image import decode_image
+        """Embed every image; ``progress(n)`` is called as images complete.
 
+        Images are processed in chunks so only chips stay in memory; images
+        without a face wait for the fallback chip, placed by the median of the
+        landmarks detected in the other images.
+        """
         results: dict[Path, ImageEmbedding] = {}
-        pending: list[_Pending] = []
+        missed: list[_Missed] = []
+        todo: list[tuple[str, Path]] = []
         model_id = self.embedder.metadata.model_id
         for path in paths:
             key = EmbeddingCache.key(path, model_id, self.detector_name)
             cached = self.cache.get(key) if self.cache else None
             if cached is not None:
                 results[path] = cached
+                if progress:
+                    progress(1)
             else:
-                image = decode_image(path)
-                faces = self.detector.detect(image)
-                face = choose_face(faces, image.shape[1], image.shape[0])
-                pending.append(_Pending(key, path, image, face))
+                todo.append((key, path))
+        for start in range(0, len(todo), _CHUNK):
+            chunk = todo[start : start + _CHUNK]
+            missed += self._embed_detected(chunk, results)
+            if self.cache and (start // _CHUNK) % 16 == 15:
+                self.cache.save()  # keep work done if the run is interrupted
             if progress:
-                progress(1)
-        if pending:
-            self._embed_pending(pending, results)
+                progress(len(chunk))
+        if missed:
+            self._embed_missed(missed, results)
+        if self.cache:
+            self.cache.save()
         return results
 
-    def _fallback_landmarks(self, pending: list[_Pending]) -> FloatArray:
-        relative = [
-            p.face.landmarks / np.array([p.image.shape[1], p.image.shape[0]])
-            for p in pending
-            if p.face is not None and p.face.landmarks is not None
-        ]
+    def _embed_detected(
+        self, chunk: list[tuple[str, Path]], results: dict[Path, ImageEmbedding]
+    ) -> list[_Missed]:
+        from facefed.core.image import decode_image
+
+        missed, chips, found = [], [], []
+        for key, path in chunk:
+            image = decode_image(path)
+            face = choose_face(
+                self.detector.detect(image), image.shape[1], image.shape[0]
+            )
+            if face is None or face.landmarks is None:
+                missed.append(_Missed(key, path, image))
+                continue
+            size = np.array([image.shape[1], image.shape[0]], np.float32)
+            relative = face.landmarks / size
+            if self.cache:
+                self.cache.add_landmarks(relative)
+            else:
+                self._relative_landmarks.append(relative)
+            chips.append(self._align(image, face.landmarks))
+            found.append((key, path, face.box.tolist()))
+        if chips:
+            embeddings = self.embedder.embed(np.stack(chips))
+            for (key, path, box), embedding in zip(found, embeddings, strict=True):
+                self._store(key, path, ImageEmbedding(embedding, True, box), results)
+        return missed
+
+    def _embed_missed(
+        self, missed: list[_Missed], results: dict[Path, ImageEmbedding]
+    ) -> None:
+        relative = (
+            self.cache.landmarks() if self.cache else list(self._relative_landmarks)
+        )
         if not relative:
             raise FacefedError(
                 "No face was detected in any image; cannot place a fallback chip."
             )
-        return np.median(np.stack(relative), axis=0).astype(np.float32)
+        fallback = np.median(np.stack(relative), axis=0).astype(np.float32)
+        logger.info("No face found in %d images; using a fallback chip.", len(missed))
+        chips = np.stack(
+            [
+                self._align(
+                    m.image,
+                    fallback
+                    * np.array([m.image.shape[1], m.image.shape[0]], np.float32),
+                )
+                for m in missed
+            ]
+        )
+        for item, embedding in zip(missed, self.embedder.embed(chips), strict=True):
+            self._store(item.key, item.path, ImageEmbedding(embedding, False), results)
 
-    def _embed_pending(
-        self, pending: list[_Pending], results: dict[Path, ImageEmbedding]
+    def _store(
+        self,
+        key: str,
+        path: Path,
+        item: ImageEmbedding,
+        results: dict[Path, ImageEmbedding],
     ) -> None:
-        missed = [p for p in pending if p.face is None]
-        fallback = self._fallback_landmarks(pending) if missed else None
-        for start in range(0, len(pending), 64):
-            batch = pending[start : start + 64]
-            chips = np.stack([self._chip(p, fallback) for p in batch])
-            embeddings = self.embedder.embed(chips)
-            for item, embedding in zip(batch, embeddings, strict=True):
-                box = item.face.box.tolist() if item.face is not None else []
-                result = ImageEmbedding(embedding, item.face is not None, box)
-                results[item.path] = result
-                if self.cache:
-                    self.cache.put(item.key, result)
+        results[path] = item
         if self.cache:
-            self.cache.save()
-
-    def _chip(self, item: _Pending, fallback: FloatArray | None) -> ImageArray:
-        if item.face is not None and item.face.landmarks is not None:
-            points = item.face.landmarks
-        elif fallback is None:
-            raise FacefedError(f"No landmarks and no fallback for {item.path}.")
-        else:
-            points = fallback * np.array([item.image.shape[1], item.image.shape[0]])
-        return self._align(item.image, np.asarray(points, np.float32))
+            self.cache.put(key, item)
 
 
 @dataclass
