@@ -45,7 +45,8 @@ def check(
 
     checker = default_checker()
     finder = None if whole_image else default_face_finder()
-    table = Table("image", "live", "score", "network", "texture", "reasons")
+    table = Table("image", "live", "score", "network", "texture")
+    refusals: list[str] = []
     for path in images:
         image = read_rgb(path)
         face = (
@@ -67,16 +68,19 @@ def check(
             )
             continue
         table.add_row(
-            str(path),
+            path.name,
             "yes" if result.is_live else "[red]no[/red]",
             f"{result.score:.3f}",
             f"{result.cues['network']:.3f}",
             f"{result.cues['texture']:.3f}",
-            "\n".join(result.reasons[1:]) or "-",
         )
+        refusals += [f"{path.name}: {reason}" for reason in result.reasons[1:]]
     if not as_json:
-        Console().print(table)
-        typer.echo(f"threshold {checker.threshold:.3f}")
+        console = Console()
+        console.print(table)
+        console.print(f"threshold {checker.threshold:.3f}")
+        for line in refusals:
+            console.print(line, soft_wrap=True)
 
 
 @challenge_app.command("new")
@@ -138,7 +142,10 @@ def challenge_verify(
     for outcome in verdict.outcomes:
         typer.echo(f"  {'pass' if outcome.passed else 'FAIL'}  {outcome.reason}")
     if not verdict.passed:
-        raise SpoofError("The liveness challenge failed.", verdict.reasons) from None
+        raise SpoofError(
+            "The liveness challenge failed: " + " ".join(verdict.reasons),
+            verdict.reasons,
+        ) from None
     typer.echo("challenge passed")
 
 

@@ -133,7 +133,20 @@ def summarise(scored: Sequence[ScoredSample], threshold: float) -> dict[str, Any
     for label, is_live in (("live", True), ("spoof", False)):
         items = [s for s in scored if s.sample.live is is_live and s.area]
         size_bias[label] = pearson([s.score for s in items], [s.area for s in items])
+    # How well image size alone would separate the classes (the shared set's
+    # bias): the EER of the pixel count used as a score.
+    area_live = [float(s.area) for s in scored if s.sample.live and s.area]
+    area_attacks: dict[str, list[float]] = {}
+    for s in scored:
+        if not s.sample.live and s.area:
+            area_attacks.setdefault(s.sample.attack_type, []).append(float(s.area))
+    area_eer = (
+        equal_error_rate(area_live, area_attacks)[0]
+        if area_live and area_attacks
+        else math.nan
+    )
     return {
+        "eer_of_image_area_alone": area_eer,
         "rates": asdict(rates),
         "eer": eer,
         "eer_threshold": eer_threshold,
@@ -275,6 +288,7 @@ def _print(
         "BPCER",
         "EER",
         "corr(score, area) live / spoof",
+        "EER of area alone",
         title=f"Silent liveness at threshold {threshold:.3f} (ISO/IEC 30107-3)",
     )
     cue_table = Table("run", *CUES, title="EER of each cue alone")
@@ -295,6 +309,7 @@ def _print(
             f"{rates['bpcer']:.1%}",
             f"{summary['eer']:.1%}",
             f"{bias['live']:+.2f} / {bias['spoof']:+.2f}",
+            f"{summary['eer_of_image_area_alone']:.1%}",
         )
         cue_table.add_row(
             name, *[f"{summary['eer_by_cue'].get(c, math.nan):.1%}" for c in CUES]
