@@ -49,6 +49,8 @@ def export_onnx(
     model = model.eval()
     example = torch.zeros(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter logs a warning per missing torchvision operator: noise here.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")

@@ -133,7 +133,7 @@ class EmbeddingCache:
     def _load(self) -> None:
         try:
             with np.load(self.path, allow_pickle=False) as data:
-                if int(data["version"]) != CACHE_VERSION:
+                if int(data["version"]) not in (1, CACHE_VERSION):
                     return
                 for key, emb, det, box in zip(
                     data["keys"],
@@ -143,7 +143,8 @@ class EmbeddingCache:
                     strict=True,
                 ):
                     self._entries[str(key)] = (emb, bool(det), box.tolist())
-                self._landmarks = list(data["landmarks"])
+                if "landmarks" in data:  # version 1 files have none
+                    self._landmarks = list(data["landmarks"])
         except (OSError, KeyError, ValueError) as error:
             logger.warning(
                 "Ignoring unreadable embedding cache %s: %s", self.path, error
