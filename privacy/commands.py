@@ -1,6 +1,5 @@
 """Commands this part adds to `facefed`: `facefed eval privacy`."""
 
-import csv
 import json
 import logging
 import os
@@ -14,6 +13,8 @@ import typer
 from facefed.core.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
+
+EMBED_BATCH = 500
 
 PAIRS_FILE = Path("protocols") / "lfw_pairs_folds01-07.csv"
 
@@ -58,11 +59,11 @@ def eval_privacy(
 ) -> None:
     """Accuracy, unlinkability and inversion of protected templates on LFW pairs.
 
-    Embeds every image of the pairs with the default pipeline (cached per
-    image and model), then reports verification accuracy of raw,
-    orthonormal-v1 and biohash-v1 templates side by side, D<->sys between
-    two keys with histograms, an inversion attack on biohash-v1, and an
-    encrypted 1:N check against plaintext search.
+    Embeds every image of the pairs with the default detector and embedder
+    (the per-image cache of `facefed eval verify`), then reports
+    verification accuracy of raw, orthonormal-v1 and biohash-v1 templates
+    side by side, D<->sys between two keys with histograms, an inversion
+    attack on biohash-v1, and an encrypted 1:N check against plaintext search.
     """
     from rich.console import Console
 
@@ -72,7 +73,7 @@ def eval_privacy(
     pairs = pairs if pairs is not None else _default_pairs()
     rows = _read_pairs(pairs, pairs_per_fold)
     root = data if data is not None else pairs.resolve().parent.parent
-    pair_set, failed = _embed_pairs(rows, root, console)
+    pair_set, undetected = _embed_pairs(rows, root, console)
     output.mkdir(parents=True, exist_ok=True)
     keys = make_keys(seed=seed)
     reports = evaluate_schemes(pair_set, keys=keys, plot_dir=output)
@@ -81,7 +82,7 @@ def eval_privacy(
     encrypted = _encrypted_check(pair_set, keys["orthonormal-v1"][0], he_gallery)
     report: dict[str, Any] = {
         "pairs": len(pair_set.same),
-        "pairs_skipped_no_face": failed,
+        "images_without_detected_face": undetected,
         "folds": sorted(int(f) for f in np.unique(pair_set.folds)),
         "schemes": [vars(r) for r in reports],
         "inversion_biohash_v1": attack,
@@ -92,119 +93,83 @@ def eval_privacy(
     console.print(f"report and plots in {output}/")
 
 
-def _read_pairs(path: Path, per_fold: int) -> list[dict[str, str]]:
+def _read_pairs(path: Path, per_fold: int) -> list[Any]:
+    """The protocol's pairs (models.verification_eval), optionally a balanced subset."""
+    from facefed.models.verification_eval import read_pairs
+
     if not path.is_file():
         raise ConfigurationError(f"The pairs file {path} does not exist.")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    needed = {"fold", "path1", "path2", "same"}
-    if not rows or not needed <= set(rows[0]):
-        raise ConfigurationError(
-            f"The pairs file {path} needs the columns {sorted(needed)}."
-        )
-    if per_fold:
-        kept: list[dict[str, str]] = []
-        counts: dict[tuple[str, str], int] = {}
-        for row in rows:
-            # Keep the fold balanced: N / 2 genuine and N / 2 impostor pairs.
-            group = (row["fold"], row["same"])
-            if counts.get(group, 0) < max(per_fold // 2, 1):
-                counts[group] = counts.get(group, 0) + 1
-                kept.append(row)
-        rows = kept
-    return rows
+    pairs = read_pairs(path)
+    if not per_fold:
+        return pairs
+    kept: list[Any] = []
+    counts: dict[tuple[int, bool], int] = {}
+    for pair in pairs:
+        # Keep each fold balanced: N / 2 genuine and N / 2 impostor pairs.
+        group = (pair.fold, pair.same)
+        if counts.get(group, 0) < max(per_fold // 2, 1):
+            counts[group] = counts.get(group, 0) + 1
+            kept.append(pair)
+    return kept
 
 
-def _embed_pairs(
-    rows: list[dict[str, str]], root: Path, console: Any
-) -> tuple[Any, int]:
-    """Embed both images of each pair; pairs where a face is missing are skipped."""
-    from facefed.privacy.evaluation import PairSet
+def _embed_pairs(pairs: list[Any], root: Path, console: Any) -> Any:
+    """Embed both images of each pair with the embedding evaluation's machinery.
 
-    paths = sorted({row["path1"] for row in rows} | {row["path2"] for row in rows})
-    vectors = _embed_images(paths, root, console)
-    first, second, same, folds = [], [], [], []
-    failed = 0
-    for row in rows:
-        a, b = vectors.get(row["path1"]), vectors.get(row["path2"])
-        if a is None or b is None:
-            failed += 1
-            continue
-        first.append(a)
-        second.append(b)
-        same.append(int(row["same"]))
-        folds.append(int(row["fold"]))
-    if failed:
-        logger.warning("%d pairs skipped: no usable face in an image", failed)
-    pair_set = PairSet(
-        np.array(first), np.array(second), np.array(same), np.array(folds)
-    )
-    return pair_set, failed
-
-
-def _embed_images(
-    paths: list[str], root: Path, console: Any
-) -> dict[str, np.ndarray | None]:
-    """Unit embeddings of images with the default pipeline, cached per model."""
+    Reuses `models.verification_eval.ImageEmbedder` and the same per-image
+    cache file as `facefed eval verify`, so either command fills it for the
+    other. Images without a detected face get the protocol's fallback chip,
+    as in `eval verify`, so no pair is dropped.
+    """
     from rich.progress import Progress
 
-    from facefed.core.errors import FaceError, ImageError
-    from facefed.core.image import decode_image
+    from facefed.core.detection.registry import create_detector
     from facefed.core.settings import get_core_settings
-    from facefed.models.zoo import default_pipeline
+    from facefed.models.verification_eval import EmbeddingCache, ImageEmbedder
+    from facefed.models.zoo import load_default_embedder
+    from facefed.privacy.evaluation import PairSet
 
-    pipeline = default_pipeline(liveness=False)
-    model_id = pipeline.embedder.metadata.model_id
-    cache_path = get_core_settings().home / "cache" / f"privacy-eval-{model_id}.npz"
-    cache = _load_cache(cache_path)
-    missing = [p for p in paths if p not in cache]
-    started = time.perf_counter()
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("embedding images", total=len(missing))
-        for path in missing:
-            try:
-                analysis = pipeline.embed_one(
-                    decode_image(root / path), check_liveness=False
-                )
-                cache[path] = np.asarray(analysis.embedding, dtype=np.float32)
-            except (FaceError, ImageError) as error:
-                logger.debug("no embedding for %s: %s", path, error)
-                cache[path] = None
-            progress.advance(task)
+    settings = get_core_settings()
+    spec = settings.detector
+    embedder = load_default_embedder()
+    model_id = embedder.metadata.model_id
+    cache_path = (
+        settings.home / "cache" / f"verify-{model_id}-{spec.replace(':', '_')}.npz"
+    )
+    runner = ImageEmbedder(
+        create_detector(spec),
+        embedder,
+        detector_name=spec,
+        cache=EmbeddingCache(cache_path),
+    )
+    paths = sorted({root / p for pair in pairs for p in (pair.path1, pair.path2)})
+    missing = [p for p in paths if not p.is_file()]
     if missing:
-        logger.info(
-            "embedded %d images in %.0f s", len(missing), time.perf_counter() - started
+        raise ConfigurationError(
+            f"{len(missing)} images of the protocol are missing, e.g. {missing[0]}."
         )
-        _save_cache(cache_path, cache)
-    return {p: cache[p] for p in paths}
+    embeddings: dict[Path, Any] = {}
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("embedding images", total=len(paths))
+        # Batches bound the decoded images held at once; the cache saves each.
+        for start in range(0, len(paths), EMBED_BATCH):
+            batch = paths[start : start + EMBED_BATCH]
+            embeddings.update(
+                runner.embed_all(batch, lambda n: progress.advance(task, n))
+            )
 
+    def unit(path: str) -> np.ndarray:
+        vector = np.asarray(embeddings[root / path].embedding, dtype=np.float64)
+        return vector / np.linalg.norm(vector)
 
-def _load_cache(path: Path) -> dict[str, np.ndarray | None]:
-    if not path.is_file():
-        return {}
-    archive = np.load(path)
-    cache: dict[str, np.ndarray | None] = {}
-    for path_name, vector, ok in zip(
-        archive["paths"], archive["embeddings"], archive["ok"], strict=True
-    ):
-        cache[str(path_name)] = vector if ok else None
-    return cache
-
-
-def _save_cache(path: Path, cache: dict[str, np.ndarray | None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dim = next(v.shape[0] for v in cache.values() if v is not None)
-    names = sorted(cache)
-    empty = np.zeros(dim, np.float32)
-    vectors = np.stack([_or_empty(cache[n], empty) for n in names])
-    ok = np.array([cache[n] is not None for n in names])
-    temporary = path.with_suffix(".tmp.npz")
-    np.savez(temporary, paths=np.array(names), embeddings=vectors, ok=ok)
-    temporary.replace(path)
-
-
-def _or_empty(vector: np.ndarray | None, empty: np.ndarray) -> np.ndarray:
-    return empty if vector is None else vector
+    undetected = sum(not item.detected for item in embeddings.values())
+    pair_set = PairSet(
+        np.stack([unit(p.path1) for p in pairs]),
+        np.stack([unit(p.path2) for p in pairs]),
+        np.array([int(p.same) for p in pairs]),
+        np.array([p.fold for p in pairs]),
+    )
+    return pair_set, undetected
 
 
 def _encrypted_check(pairs: Any, key: Any, gallery_size: int) -> dict[str, Any]:
@@ -215,7 +180,9 @@ def _encrypted_check(pairs: Any, key: Any, gallery_size: int) -> dict[str, Any]:
     mated = np.flatnonzero(pairs.same == 1)
     probes_index = mated[:20]
     gallery = np.concatenate([pairs.first[mated], pairs.first[pairs.same == 0]])
-    gallery = protect(gallery[:gallery_size], key)
+    # LFW reuses images across pairs: identical rows would tie for rank 1.
+    _, first_rows = np.unique(gallery, axis=0, return_index=True)
+    gallery = protect(gallery[np.sort(first_rows)][:gallery_size], key)
     probes = protect(pairs.second[probes_index], key)
     site = SiteHEContext.create(galois_keys=False)
     scorer = ServerHEScorer(site.public_bytes())
