@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from facefed.core.errors import ConfigurationError, SpoofError
+from facefed.core.errors import ConfigurationError
+from facefed.core.liveness import require_live
 from facefed.core.liveness.minifasnet import MiniFASNet, load_minifasnets
 from facefed.core.liveness.settings import ExecutionMode, get_liveness_settings
 from facefed.core.liveness.texture import TextureConfig, measure_texture
@@ -193,19 +194,4 @@ class SilentLivenessChecker:
         return reasons
 
 
-def require_live(result: LivenessResult) -> None:
-    """Raise SpoofError with the checker's reasons when a face is not live.
-
-    Args:
-        result: A liveness result.
-
-    Raises:
-        SpoofError: If `result.is_live` is False; `reasons` holds the
-            sentences an operator sees.
-    """
-    if not result.is_live:
-        raise SpoofError(
-            f"Presentation attack suspected (liveness score {result.score:.2f} "
-            f"< {result.threshold:.2f}).",
-            list(result.reasons),
-        )
+__all__ = ["SilentConfig", "SilentLivenessChecker", "require_live"]
