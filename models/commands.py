@@ -29,10 +29,11 @@ def embed_command(
     """Print the embedding of the largest face of each image, as JSON."""
     from facefed.core.errors import FaceError
     from facefed.core.image import decode_image
-    from facefed.models.zoo import default_pipeline
+    from facefed.models.zoo import default_pipeline, load_embedder
 
-    pipeline = default_pipeline(liveness=False, model_id=model)
-    model_id = pipeline.embedder.metadata.model_id
+    embedder = load_embedder(model)
+    pipeline = default_pipeline(liveness=False, embedder=embedder)
+    model_id = embedder.metadata.model_id
     results: list[dict[str, Any]] = []
     failed = False
     for path in images:
@@ -65,10 +66,11 @@ def verify_command(
 ) -> None:
     """Decide whether two photos show the same person (largest face of each)."""
     from facefed.core.image import decode_image
-    from facefed.models.zoo import default_pipeline
+    from facefed.models.zoo import default_pipeline, load_embedder
 
-    pipeline = default_pipeline(liveness=False, model_id=model)
-    metadata = pipeline.embedder.metadata
+    embedder = load_embedder(model)
+    metadata = embedder.metadata
+    pipeline = default_pipeline(liveness=False, embedder=embedder)
     used = threshold if threshold is not None else metadata.threshold_for(fmr)
     first = pipeline.embed_one(decode_image(image_a), check_liveness=False)
     second = pipeline.embed_one(decode_image(image_b), check_liveness=False)

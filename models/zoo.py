@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from facefed.core.embedding import (
+    Embedder,
     OnnxEmbedder,
     file_sha256,
     load_metadata,
@@ -138,25 +139,28 @@ def _silent_liveness_checker() -> Any | None:
 
 
 def default_pipeline(
-    *, liveness: bool = True, model_id: str | None = None
+    *,
+    liveness: bool = True,
+    model_id: str | None = None,
+    embedder: Embedder | None = None,
 ) -> FacePipeline:
     """Build the default face pipeline.
 
     Detector ``create_detector(get_core_settings().detector)`` (YuNet by
     default), the default quality gate, the default embedder (or
-    ``model_id``'s) and, when ``liveness``, the silent liveness checker.
+    ``model_id``'s, or ``embedder``) and, when ``liveness``, the silent
+    liveness checker.
 
     Args:
         liveness: Attach the silent presentation-attack checker.
         model_id: Embedding model to use instead of the default.
+        embedder: An embedder already opened (overrides ``model_id``).
     """
     from facefed.core.detection.registry import create_detector
     from facefed.core.pipeline import FacePipeline
     from facefed.core.quality import QualityGate
 
     detector = create_detector(get_core_settings().detector)
-    embedder = load_embedder(model_id)
+    chosen = embedder if embedder is not None else load_embedder(model_id)
     checker = _silent_liveness_checker() if liveness else None
-    return FacePipeline(
-        detector, embedder, quality_gate=QualityGate(), liveness=checker
-    )
+    return FacePipeline(detector, chosen, quality_gate=QualityGate(), liveness=checker)
