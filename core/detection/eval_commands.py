@@ -20,6 +20,7 @@ DEFAULT_DETECTORS = "yunet,retinaface,mtcnn,hog,cnn"
 # Score floor for the WIDER precision-recall sweep, as in the WIDER protocol
 # where detectors submit low-confidence boxes too.
 SWEEP_SCORE_THRESHOLD = 0.02
+HOG_SWEEP_ADJUST = -1.0
 
 
 DataOption = Annotated[
@@ -76,6 +77,11 @@ def create_sweep_detector(spec: str, operating: "FaceDetector") -> "FaceDetector
         from facefed.core.detection.yunet import YuNetDetector
 
         return YuNetDetector(score_threshold=SWEEP_SCORE_THRESHOLD)
+    if spec == "hog":
+        from facefed.core.detection.dlib_detectors import DlibHogDetector
+
+        # dlib's HOG score is an SVM margin; -1 admits its weaker detections.
+        return DlibHogDetector(adjust_threshold=HOG_SWEEP_ADJUST)
     return operating
 
 
