@@ -43,9 +43,7 @@ MIN_KEY_BYTES = 16
 
 
 class ChallengeError(FacefedError):
-    """Raised when a challenge file is malformed, forged, expired or replayed."""
-
-    exit_code = 12
+    """Raised when a challenge file cannot be read as a challenge."""
 
 
 class Action(StrEnum):

@@ -252,3 +252,39 @@ def test_installation_key_is_created_once_with_private_mode(tmp_path, monkeypatc
 
     path = get_core_settings().home / "liveness" / "challenge.key"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_video_file_is_verified_like_a_folder(
+    tmp_path, issuer, verifier, action_frames
+):
+    import cv2
+
+    from facefed.core.liveness.faces import read_frames
+
+    challenge = issuer.issue(2)
+    frames = performing(challenge.actions, action_frames)
+    path = tmp_path / "response.avi"
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(
+        str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (width, height)
+    )
+    for frame in frames:
+        writer.write(np.ascontiguousarray(frame[..., ::-1]))
+    writer.release()
+    decoded = read_frames(path)
+    assert len(decoded) == len(frames) and decoded[0].shape == frames[0].shape
+    assert verifier.verify(challenge, decoded).passed
+
+
+def test_unreadable_recordings_are_refused(tmp_path):
+    from facefed.core.errors import ImageError
+    from facefed.core.liveness.faces import read_frames
+
+    with pytest.raises(ImageError, match="no video file or folder"):
+        read_frames(tmp_path / "missing.mp4")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageError, match="no image files"):
+        read_frames(tmp_path / "empty")
+    (tmp_path / "junk.avi").write_bytes(b"not a video")
+    with pytest.raises(ImageError, match="No frame"):
+        read_frames(tmp_path / "junk.avi")
