@@ -130,7 +130,10 @@ def test_ledger_refuses_bad_input_and_changes_nothing(tmp_path):
     with pytest.raises(ConfigurationError, match="steps"):
         ledger.record_run("s", run_id="x", config=config, sample_rate=0.1, steps=-1)
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ledger.json",
+        "ledger.json.lock",
+    ]
     path.write_text(json.dumps({"format": 99, "runs": []}))
     with pytest.raises(LedgerError, match="format 99"):
         ledger.entries()
@@ -145,3 +148,20 @@ def test_noise_for_budget_meets_the_target():
     )
     achieved = epsilon_from_history([(sigma, 0.01, 1000)], delta=1e-5)
     assert 2.9 <= achieved <= 3.0
+
+
+def test_concurrent_recording_keeps_every_run(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+
+    def record(worker: int) -> None:
+        ledger = PrivacyLedger(tmp_path / "ledger.json")
+        for run in range(3):
+            ledger.record_run(
+                "s", run_id=f"w{worker}-r{run}", config=config, sample_rate=0.1, steps=2
+            )
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(record, range(4)))
+    assert len(PrivacyLedger(tmp_path / "ledger.json").entries("s")) == 12
