@@ -18,6 +18,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -207,8 +208,21 @@ class GalleryService:
     def start(self) -> None:
         """Migrate the database, load the signing key, rebuild every index."""
         run_migrations(self.engine)
+        self._restrict_sqlite_files()
         self.signer = ReceiptSigner(self._signing_key())
         self.reconcile()
+
+    def _restrict_sqlite_files(self) -> None:
+        # Templates and wrapped keys are sealed, but the files need not be
+        # world-readable either.
+        for url in (
+            self.settings.resolved_database_url,
+            self.settings.resolved_key_vault_url,
+        ):
+            if url.startswith("sqlite:///"):
+                path = Path(url.removeprefix("sqlite:///"))
+                if path.exists():
+                    path.chmod(0o600)
 
     def close(self) -> None:
         """Release database connections."""
@@ -383,7 +397,7 @@ class GalleryService:
                 site_id=site_id,
                 details={"role": role, "key_id": row.id},
             )
-        logger.info("Created a %s API key %s", role, row.id)
+        logger.info("Created API key %s (role %s)", row.id, role)
         return row, secret
 
     def list_api_keys(self) -> list[ApiKey]:
