@@ -1,0 +1,1 @@
+"""Model files shipped with the core detectors (see each folder's SOURCE.md)."""

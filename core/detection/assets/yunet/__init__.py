@@ -1,0 +1,1 @@
+"""YuNet's ONNX file, licence and source (a package so the file ships)."""
