@@ -2,8 +2,10 @@
 
 Chips come from the same pipeline the site enrolls with
 (`facefed.models.zoo.default_pipeline`, without liveness: training photos
-are not live captures), so the network is fine-tuned on exactly the
-alignment it sees in service.
+are not live captures), detector and alignment alike, so the network is
+fine-tuned on exactly the chips it sees in service. The quality gate is not
+applied on purpose: a site with a poor camera must train and evaluate on
+its poor photos, which are the reason it fine-tunes.
 """
 
 import logging
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from facefed.client.federated.store import CHIP_SIZE, ChipFn
-from facefed.core.errors import FaceError, ImageError
+from facefed.core.errors import ImageError
 
 if TYPE_CHECKING:
     from facefed.core.pipeline import FacePipeline
@@ -38,11 +40,19 @@ def pipeline_chip_fn() -> ChipFn:
             pipelines.append(default_pipeline(liveness=False))
         pipeline = pipelines[0]
         try:
-            analysis = pipeline.embed_one(decode_image(photo), check_liveness=False)
-        except (FaceError, ImageError) as error:
-            logger.debug("No chip from %s: %s", photo.name, error)
+            image = decode_image(photo)
+        except ImageError as error:
+            logger.debug("Unreadable photo %s: %s", photo.name, error)
             return None
-        chip: np.ndarray = np.asarray(analysis.chip, dtype=np.uint8)
+        faces = pipeline.detector.detect(image)
+        if not faces:
+            return None
+        # The largest face, as FacePipeline.embed_one picks it.
+        face = max(faces, key=lambda f: (f.width * f.height, f.score))
+        aligned = pipeline.align(image, face)
+        if aligned is None:
+            return None
+        chip: np.ndarray = np.asarray(aligned, dtype=np.uint8)
         if chip.shape[:2] != (CHIP_SIZE, CHIP_SIZE):
             chip = cv2.resize(
                 chip, (CHIP_SIZE, CHIP_SIZE), interpolation=cv2.INTER_AREA

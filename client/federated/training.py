@@ -128,8 +128,12 @@ def noise_multiplier_for(
     """
     from opacus.accountants.utils import get_noise_multiplier
 
-    sample_rate = min(1.0, config.batch_size / num_examples)
-    steps_per_round = config.local_epochs * max(1, round(1 / sample_rate))
+    # Opacus' DPDataLoader samples each example with probability
+    # q = 1 / len(loader), len(loader) = ceil(N / batch size), and takes that
+    # many steps per epoch: account exactly those, not a rounded N / B.
+    batches = math.ceil(num_examples / min(config.batch_size, num_examples))
+    sample_rate = 1.0 / batches
+    steps_per_round = config.local_epochs * batches
     sigma = get_noise_multiplier(
         target_epsilon=config.target_epsilon,
         target_delta=config.target_delta,
@@ -241,7 +245,7 @@ def dp_train(
             )
 
     _unwrap(private_model)
-    sample_rate = float(private_optimizer.expected_batch_size) / num_examples
+    sample_rate = float(private_loader.sample_rate)  # type: ignore[attr-defined]
     return LocalTrainResult(
         num_examples=num_examples,
         steps=steps,
