@@ -192,7 +192,8 @@ class GalleryService:
             )
         )
         # SQLite has one writer; serialising our write transactions avoids
-        # busy errors and keeps the audit chain's appends in order.
+        # busy errors and keeps the audit chain's appends in order. Lock
+        # order, to stay free of deadlocks: write_lock, then a collection's.
         self.write_lock = threading.RLock()
         self.signer: ReceiptSigner | None = None
 
@@ -491,7 +492,7 @@ class GalleryService:
         By default the key a collection's templates are made with; otherwise
         the given scheme's newest (or given) version.
         """
-        with session_scope(self.sessions) as session:
+        with self.write_lock, session_scope(self.sessions) as session:
             if scheme is None:
                 collection = self._collection(session, collection_id or "default")
                 scheme, version = collection.scheme, collection.key_version
@@ -884,7 +885,7 @@ class GalleryService:
         vectors = [self._check_template(collection, t) for t in templates]
         data_key = self.vault.get(subject_id)
         index = self.gallery.ensure(collection.id, collection.kind, collection.dim)
-        with index.lock, self.write_lock, session_scope(self.sessions) as session:
+        with self.write_lock, index.lock, session_scope(self.sessions) as session:
             session.execute(
                 delete(Template).where(
                     Template.subject_id == subject_id,
@@ -1232,7 +1233,7 @@ class GalleryService:
         if scheme.rekeyable:
             self._check_transform(parsed, collection, to_version)
         index = self.gallery.ensure(collection.id, collection.kind, collection.dim)
-        with index.lock, self.write_lock, session_scope(self.sessions) as session:
+        with self.write_lock, index.lock, session_scope(self.sessions) as session:
             collection = self._collection(session, collection_id)
             rows = list(
                 session.scalars(
