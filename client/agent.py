@@ -26,6 +26,7 @@ from facefed.client.gallery import (
 )
 from facefed.core.errors import (
     ConfigurationError,
+    FaceError,
     FacefedError,
     QualityError,
     SpoofError,
@@ -177,15 +178,41 @@ class SiteAgent:
         subject_ref: str,
         consent: ConsentRecord,
         idempotency_key: str | None = None,
+        skip_unusable: bool = False,
     ) -> EnrollmentReceipt:
         """Enroll one person from one or more photos.
 
-        Every photo must pass the pipeline; one refused photo refuses the
-        whole enrollment, so a person is never enrolled from a spoof.
+        A photo refused by the liveness check refuses the whole enrollment,
+        so a person is never enrolled next to a presentation attack.
+
+        Args:
+            sources: Photos of the person.
+            subject_ref: The site's reference for the person.
+            consent: The consent record the enrollment rests on.
+            idempotency_key: Reuse to retry the same enrollment safely.
+            skip_unusable: Leave out photos without a usable face (no face,
+                or refused by the quality gate) as long as one photo is
+                usable; when False every photo must pass.
+
+        Raises:
+            SpoofError: A photo looks like a presentation attack.
+            FaceError: A photo is unusable (or, with `skip_unusable`, all are).
         """
         if not sources:
             raise FacefedError("An enrollment needs at least one photo, got none.")
-        templates = [self.template(source) for source in sources]
+        templates: list[ProtectedTemplate] = []
+        unusable: FaceError | None = None
+        for source in sources:
+            try:
+                templates.append(self.template(source))
+            except SpoofError:
+                raise
+            except FaceError as error:
+                if not skip_unusable:
+                    raise
+                unusable = error
+        if not templates and unusable is not None:
+            raise unusable
         receipt = self.client.enroll(
             templates,
             subject_ref=subject_ref,

@@ -328,10 +328,12 @@ def enroll_people(ctx: DemoContext) -> None:
                         list(person.photos[:2]),
                         subject_ref=person.identity,
                         consent=consent,
+                        skip_unusable=True,
                     )
                 except FaceError as error:
-                    # A real capture can fail the gate; the person is then
-                    # simply not enrolled (the site would take a new photo).
+                    # Old press photos can fail the quality gate or look
+                    # recaptured to the liveness check; a site would take a
+                    # new photo, the demo leaves the person out.
                     refused.append(f"{person.identity}: {error}")
                 else:
                     site.receipts[person.identity] = receipt
@@ -354,7 +356,8 @@ def identify_people(ctx: DemoContext) -> None:
     ctx.console.print(
         f"rank-1 accuracy {summary['rank1']:.1%} ({summary['correct']}/"
         f"{summary['probes']}), false accepts {summary['false_accepts']}/"
-        f"{summary['strangers']} at threshold {summary['threshold']:.3f}"
+        f"{summary['strangers']} at threshold {summary['threshold']:.3f}; "
+        f"{ctx.results['probes_refused']} probe photo(s) refused by the pipeline"
     )
 
 
@@ -369,10 +372,16 @@ def _identify_all(
         for person in site.people
         if person.identity in site.receipts
     ]
+    refused = 0
     with _progress(ctx.console) as progress:
         task = progress.add_task(label, total=len(probes) + len(ctx.strangers))
         for site, person in probes:
-            result = site.agent.identify(person.photos[2], top_k=5)
+            progress.advance(task)
+            try:
+                result = site.agent.identify(person.photos[2], top_k=5)
+            except FaceError:
+                refused += 1
+                continue
             expected = site.receipts[person.identity].subject_id
             best = result.candidates[0] if result.candidates else None
             genuine.append(
@@ -384,10 +393,14 @@ def _identify_all(
                     "threshold": result.threshold,
                 }
             )
-            progress.advance(task)
         for index, person in enumerate(ctx.strangers):
             site = ctx.sites[index % 2]
-            result = site.agent.identify(person.photos[-1], top_k=5)
+            progress.advance(task)
+            try:
+                result = site.agent.identify(person.photos[-1], top_k=5)
+            except FaceError:
+                refused += 1
+                continue
             best = result.candidates[0] if result.candidates else None
             impostor.append(
                 {
@@ -396,7 +409,7 @@ def _identify_all(
                     "threshold": result.threshold,
                 }
             )
-            progress.advance(task)
+    ctx.results["probes_refused"] = refused
     return genuine, impostor
 
 
