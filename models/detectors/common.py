@@ -8,11 +8,26 @@ import numpy.typing as npt
 
 from facefed.core.detection.base import make_face, sort_by_score
 from facefed.core.errors import ModelError
+from facefed.core.settings import get_core_settings
 from facefed.core.types import Face
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+def apply_thread_setting() -> None:
+    """Give torch the thread count of FACEFED_THREADS, when one is set.
+
+    torch's thread pool is process-wide, so this affects every torch model in
+    the process; 0 (the default) leaves torch's own choice alone.
+    """
+    import torch
+
+    threads = get_core_settings().threads
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.debug("torch uses %d threads (FACEFED_THREADS)", threads)
 
 
 def load_state_dict(path: Path) -> dict[str, object]:

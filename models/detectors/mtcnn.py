@@ -25,6 +25,7 @@ from facefed.core.errors import ConfigurationError, ModelError
 from facefed.core.types import Face, ImageArray
 from facefed.models.detectors.common import (
     WEIGHTS_DIR,
+    apply_thread_setting,
     faces_from_arrays,
     load_state_dict,
 )
@@ -278,6 +279,7 @@ class MtcnnDetector:
             weights: Folder holding ``pnet.pt``, ``rnet.pt`` and ``onet.pt``.
         """
         self.config = config or MtcnnConfig()
+        apply_thread_setting()
         self.pnet, self.rnet, self.onet = load_mtcnn(weights)
 
     def detect(self, image: ImageArray) -> list[Face]:

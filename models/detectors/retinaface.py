@@ -24,6 +24,7 @@ from facefed.core.errors import ConfigurationError, ModelError
 from facefed.core.types import Face, ImageArray
 from facefed.models.detectors.common import (
     WEIGHTS_DIR,
+    apply_thread_setting,
     faces_from_arrays,
     load_state_dict,
 )
@@ -351,6 +352,7 @@ class RetinaFaceDetector:
             weights: State dict to load.
         """
         self.config = config or RetinaFaceConfig()
+        apply_thread_setting()
         self.network = load_retinaface(weights)
 
     def detect(self, image: ImageArray) -> list[Face]:
