@@ -166,6 +166,10 @@ def eval_liveness(
     max_apcer: Annotated[
         float, typer.Option(help="Calibration: worst-species APCER allowed.")
     ] = 0.05,
+    bona_fide: Annotated[
+        Path | None,
+        typer.Option(help="Folder of extra live photos; their BPCER is reported."),
+    ] = None,
 ) -> None:
     """APCER/BPCER (ISO/IEC 30107-3) of the silent check on a labelled set."""
     from facefed.core.liveness.report import run_evaluation
@@ -176,4 +180,5 @@ def eval_liveness(
         out,
         calibrate=calibrate,
         max_apcer=max_apcer,
+        bona_fide=bona_fide,
     )

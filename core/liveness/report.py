@@ -212,6 +212,7 @@ def run_evaluation(
     *,
     calibrate: bool,
     max_apcer: float,
+    bona_fide: Path | None = None,
 ) -> dict[str, Any]:
     """Score the labelled set four ways, print the error rates, write the files.
 
@@ -219,6 +220,9 @@ def run_evaluation(
     crops, whole image as face box), `crops_detect` (detector inside the
     crops), `crops_rescaled` (crops resampled to COMMON_CROP_AREA first), and
     `all` (frames plus crops_whole), the set the threshold is calibrated on.
+    With `bona_fide`, every image under that folder is also scored as a live
+    presentation (through the detector) and its BPCER reported: a check of
+    the threshold on many more people than the labelled set holds.
 
     Returns:
         The JSON report as a dictionary.
@@ -244,6 +248,8 @@ def run_evaluation(
         ("crops_detect", crops, "detect", False),
         ("crops_rescaled", crops, "whole", True),
     ]
+    if bona_fide is not None:
+        plan.append(("bona_fide_extra", _bona_fide_samples(bona_fide), "whole", False))
     runs: dict[str, list[ScoredSample]] = {}
     with Progress(transient=True) as progress:
         task = progress.add_task("scoring", total=sum(len(p[1]) for p in plan))
@@ -256,6 +262,7 @@ def run_evaluation(
                 rescale_crops=rescale,
                 progress=lambda: progress.advance(task),
             )
+    extra = runs.pop("bona_fide_extra", None)
     runs["all"] = runs["frames"] + runs["crops_whole"]
     threshold = checker.threshold
     summaries = {
@@ -263,6 +270,8 @@ def run_evaluation(
         for name, scored in runs.items()
         if any(not math.isnan(s.score) for s in scored)
     }
+    if extra is not None:
+        summaries["bona_fide_extra"] = _bona_fide_summary(extra, threshold)
     if calibrate and "all" in summaries:
         summaries["all"]["calibrated_threshold"] = calibration(
             runs["all"], max_apcer=max_apcer
@@ -272,13 +281,37 @@ def run_evaluation(
     return json.loads(paths["json"].read_text())
 
 
+def _bona_fide_samples(folder: Path) -> list[PadSample]:
+    from facefed.core.errors import ConfigurationError
+    from facefed.core.liveness.faces import IMAGE_SUFFIXES
+
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ConfigurationError(f"The bona fide folder {folder} holds no images.")
+    return [PadSample(path, True, "", "frame") for path in paths]
+
+
+def _bona_fide_summary(scored: Sequence[ScoredSample], threshold: float) -> dict:
+    scores = np.array([s.score for s in scored if not math.isnan(s.score)])
+    return {
+        "n": int(scores.size),
+        "unscored": sum(math.isnan(s.score) for s in scored),
+        "bpcer": float(np.mean(scores < threshold)) if scores.size else math.nan,
+        "score_quantiles_10_50_90": [
+            float(q) for q in np.percentile(scores, [10, 50, 90])
+        ]
+        if scores.size
+        else [],
+    }
+
+
 def _print(
     console: Any, summaries: dict[str, dict[str, Any]], threshold: float, paths: dict
 ) -> None:
     from rich.table import Table
 
     species = sorted(
-        {k for summary in summaries.values() for k in summary["rates"]["apcer"]}
+        {k for s in summaries.values() if "rates" in s for k in s["rates"]["apcer"]}
     )
     rates_table = Table(
         "run",
@@ -293,6 +326,8 @@ def _print(
     )
     cue_table = Table("run", *CUES, title="EER of each cue alone")
     for name, summary in summaries.items():
+        if name == "bona_fide_extra":
+            continue
         rates = summary["rates"]
         bias = summary["score_area_correlation"]
         apcer_cells = [
@@ -316,8 +351,14 @@ def _print(
         )
     console.print(rates_table)
     console.print(cue_table)
+    extra = summaries.get("bona_fide_extra")
+    if extra:
+        console.print(
+            f"extra bona fide images: {extra['n']} scored ({extra['unscored']} "
+            f"without a face), BPCER {extra['bpcer']:.1%} at {threshold:.3f}"
+        )
     for name, summary in summaries.items():
-        for note in summary["notes"]:
+        for note in summary.get("notes", []):
             console.print(f"{name}: {note}")
         if "calibrated_threshold" in summary:
             console.print(
