@@ -245,7 +245,7 @@ def dp_train(
             )
 
     _unwrap(private_model)
-    sample_rate = float(private_loader.sample_rate)  # type: ignore[attr-defined]
+    sample_rate = float(private_loader.sample_rate)
     return LocalTrainResult(
         num_examples=num_examples,
         steps=steps,

@@ -1,0 +1,72 @@
+"""Site folders built from the real LFW test photos, with chips cached once."""
+
+import csv
+import itertools
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from facefed.client.federated.store import HELDOUT_DIR, SiteDataStore
+
+
+def _identities(test_data: Path) -> list[str]:
+    with open(test_data / "lfw" / "manifest.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["role"] == "enrolled"]
+    return sorted({r["identity"] for r in rows})
+
+
+def _build_site(root: Path, test_data: Path, train: list[str], held: list[str]) -> Path:
+    for identity in train:
+        shutil.copytree(test_data / "lfw" / identity, root / identity)
+    pairs = []
+    for identity in held:
+        shutil.copytree(test_data / "lfw" / identity, root / HELDOUT_DIR / identity)
+        photos = sorted((root / HELDOUT_DIR / identity).glob("*.jpg"))
+        for a, b in itertools.combinations(photos, 2):
+            pairs.append([f"{identity}/{a.name}", f"{identity}/{b.name}", 1])
+    for a, b in itertools.combinations(held, 2):
+        pairs.append([f"{a}/{a}_0001.jpg", f"{b}/{b}_0002.jpg", 0])
+    with open(root / HELDOUT_DIR / "pairs.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path1", "path2", "same"])
+        writer.writerows(pairs)
+    return root
+
+
+@pytest.fixture(scope="session")
+def _cached_sites(tmp_path_factory, test_data) -> list[Path]:
+    """Two sites of 8 training and 4 held-out identities (3 photos each)."""
+    from facefed.client.federated.chips import pipeline_chip_fn
+    from facefed.core.settings import get_core_settings
+
+    names = _identities(test_data)
+    base = tmp_path_factory.mktemp("federated-sites")
+    sites = []
+    # Session fixtures run before the per-test FACEFED_HOME is set: give the
+    # pipeline's exported model a session folder of its own.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FACEFED_HOME", str(base / "home"))
+        cache = os.environ.get("FACEFED_TEST_MODEL_CACHE", str(base / "models"))
+        patch.setenv("FACEFED_MODEL_CACHE", cache)
+        get_core_settings.cache_clear()
+        chip_fn = pipeline_chip_fn()
+        for index in range(2):
+            mine = names[index * 12 : (index + 1) * 12]
+            site = _build_site(base / f"site{index}", test_data, mine[:8], mine[8:])
+            SiteDataStore(site).prepare(chip_fn)
+            sites.append(site)
+    get_core_settings.cache_clear()
+    return sites
+
+
+@pytest.fixture
+def sites(_cached_sites, tmp_path) -> list[Path]:
+    """Fresh copies of the cached sites (chips cached, no ledger, no head)."""
+    copies = []
+    for site in _cached_sites:
+        target = tmp_path / site.name
+        shutil.copytree(site, target)
+        copies.append(target)
+    return copies

@@ -1,0 +1,118 @@
+"""DP-SGD on the shared top: what changes, what stays frozen, what is accounted."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from facefed.client.federated.config import TrainingConfig
+from facefed.client.federated.model import SplitNetwork, load_network
+from facefed.client.federated.profiles import degrade, known_profiles
+from facefed.client.federated.site import SiteRuntime
+from facefed.client.federated.training import (
+    CosineClassifier,
+    arcface_loss,
+    noise_multiplier_for,
+)
+from facefed.core.errors import ConfigurationError, PrivacyBudgetExceededError
+from facefed.privacy.dp import epsilon_from_history
+
+
+def test_arcface_margin_makes_the_target_harder():
+    generator = torch.Generator().manual_seed(0)
+    cosine = torch.rand(16, 5, generator=generator) * 1.6 - 0.8
+    labels = torch.randint(0, 5, (16,), generator=generator)
+    plain = arcface_loss(cosine, labels, scale=16.0, margin=0.0)
+    margin = arcface_loss(cosine, labels, scale=16.0, margin=0.4)
+    expected = torch.nn.functional.cross_entropy(16.0 * cosine, labels)
+    assert plain.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert margin.item() > plain.item()
+
+
+def test_noise_is_calibrated_to_the_whole_run():
+    config = TrainingConfig(num_rounds=3, batch_size=8, target_epsilon=4.0)
+    sigma, rate, steps = noise_multiplier_for(config=config, num_examples=50)
+    assert rate == pytest.approx(1 / math.ceil(50 / 8))
+    assert steps == math.ceil(50 / 8)
+    run = epsilon_from_history([(sigma, rate, steps * 3)], delta=1e-5)
+    assert 3.9 < run <= 4.0
+
+
+def test_split_network_matches_the_full_network():
+    network = load_network()
+    split = SplitNetwork(network, trainable_blocks=2)
+    chips = np.random.default_rng(0).integers(0, 256, (3, 150, 150, 3), np.uint8)
+    full = network(torch.from_numpy(chips).permute(0, 3, 1, 2).float())
+    full = torch.nn.functional.normalize(full, dim=1).detach().numpy()
+    ours = split.embed_features(split.trunk_features(chips))
+    np.testing.assert_allclose(ours, full, atol=1e-5)
+    assert sorted(split.shared_state()) == sorted(
+        k for k in network.state_dict() if k.startswith(("stage5.", "embedding."))
+    )
+
+
+@pytest.mark.slow
+def test_round_trains_top_only_and_records_epsilon(sites):
+    config = TrainingConfig(num_rounds=2, batch_size=8, target_epsilon=8.0)
+    runtime = SiteRuntime(sites[0], config)
+    trunk_before = {k: v.clone() for k, v in runtime.split.trunk.state_dict().items()}
+    shared = runtime.split.shared_state()
+
+    updated, metrics = runtime.train_round(shared, run_id="r1", server_round=1)
+
+    assert any(not torch.equal(updated[k], shared[k]) for k in shared)
+    for key, value in runtime.split.trunk.state_dict().items():
+        assert torch.equal(value, trunk_before[key]), key
+    assert 0 < metrics["epsilon"] <= 8.0
+    assert metrics["num-examples"] >= 20
+    assert runtime.ledger.spent_epsilon(runtime.site_id, delta=1e-5) == pytest.approx(
+        metrics["epsilon"]
+    )
+    # The head stays at the site, next to its ledger.
+    assert (sites[0] / ".facefed" / "head.pt").exists()
+
+
+@pytest.mark.slow
+def test_site_refuses_a_round_past_its_budget(sites):
+    config = TrainingConfig(num_rounds=1, batch_size=8, target_epsilon=2.0)
+    runtime = SiteRuntime(sites[0], config)
+    shared = runtime.split.shared_state()
+    runtime.train_round(shared, run_id="r1", server_round=1)
+    entries = len(runtime.ledger.entries())
+    # The run was calibrated for one round: a second one would overspend.
+    with pytest.raises(PrivacyBudgetExceededError):
+        runtime.train_round(shared, run_id="r1", server_round=2)
+    assert len(runtime.ledger.entries()) == entries
+
+
+def test_config_round_trips_through_flower_and_rejects_bad_values():
+    config = TrainingConfig(num_rounds=3, site_dirs=("a", "b"), compat="l2")
+    assert TrainingConfig.from_flower(config.to_flower()) == config
+    with pytest.raises(ConfigurationError, match="target_delta"):
+        TrainingConfig(target_delta=2.0)
+    with pytest.raises(ConfigurationError, match="compat"):
+        TrainingConfig.from_flower({"compat": "magic"})
+    with pytest.raises(ConfigurationError, match="num-rounds"):
+        TrainingConfig.from_flower({"num-rounds": "many"})
+
+
+@pytest.mark.parametrize("profile", [p for p in known_profiles() if p != "clean"])
+def test_camera_profiles_degrade_real_photos(test_data, profile):
+    import cv2
+
+    bgr = cv2.imread(str(test_data / "lfw" / "Ann_Veneman" / "Ann_Veneman_0001.jpg"))
+    image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    out = degrade(image, profile, rng=np.random.default_rng(0))
+    assert out.shape == image.shape and out.dtype == np.uint8
+    difference = np.abs(out.astype(int) - image.astype(int)).mean()
+    assert difference > 2.0
+    if profile == "lowres_gray":
+        assert np.array_equal(out[..., 0], out[..., 1])
+    if profile == "low_light":
+        assert out.mean() < image.mean() / 2
+
+
+def test_unknown_profile_names_the_known_ones():
+    with pytest.raises(ConfigurationError, match="low_light"):
+        degrade(np.zeros((4, 4, 3), np.uint8), "fog", rng=np.random.default_rng(0))
