@@ -441,19 +441,20 @@ def match_detections(
     """Greedy one-to-one matching of score-sorted detections to faces.
 
     Each detection takes the still-unmatched face it overlaps most, if the IoU
-    reaches ``iou_threshold``. A detection matched to an ignore face counts
-    neither way; an unmatched detection is a false positive.
+    reaches ``iou_threshold``. A detection on an ignore face (matched or
+    not) counts neither way, as in dlib's detector tests; any other unmatched
+    detection is a false positive.
     """
     taken = np.zeros(len(truth_boxes), dtype=bool)
     true_positives = false_positives = 0
     overlaps = iou_matrix(pred_boxes, truth_boxes)
     for row in overlaps:
-        row = np.where(taken, -1.0, row)
-        best = int(np.argmax(row)) if row.size else -1
-        if best >= 0 and row[best] >= iou_threshold:
+        free = np.where(taken, -1.0, row)
+        best = int(np.argmax(free)) if free.size else -1
+        if best >= 0 and free[best] >= iou_threshold:
             taken[best] = True
             true_positives += int(not ignore[best])
-        else:
+        elif not (ignore & (row >= iou_threshold)).any():
             false_positives += 1
     return MatchCounts(true_positives, false_positives, int((~ignore).sum()))
 
@@ -498,8 +499,8 @@ class DetectorReport:
         wider_images: Number of WIDER images evaluated.
         pascal: Recall, precision, true/false positives and faces at IoU 0.4.
         counts: Per group photo: file name, expected and detected count.
-        nme: Per landmark photo: file name and NME (None: face not found,
-            "n/a" cases are reported as None with ``landmarks_missing``).
+        nme: Per landmark photo: file name and NME; None when the annotated
+            face was not detected or the detector gives no landmarks.
         landmarks_missing: True when the detector gives no landmarks.
         seconds_per_image: Mean detection time over the images run.
     """

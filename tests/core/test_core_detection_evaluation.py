@@ -107,6 +107,7 @@ def test_pascal_matching_by_hand():
             _box(0, 0, 10, 10),  # TP
             _box(1, 1, 10, 10),  # duplicate of face 0: FP
             _box(100, 0, 10, 10),  # ignored face: not counted
+            _box(100, 1, 10, 10),  # second hit on the ignored face: not counted
             _box(300, 300, 10, 10),  # FP
         ],
         float,
