@@ -345,7 +345,7 @@ def enroll_people(ctx: DemoContext) -> None:
         ctx.console.print(f"[yellow]not enrolled[/yellow] {line}")
     if enrolled < total // 2:
         raise DemoError(f"Only {enrolled} of {total} people could be enrolled.")
-    ctx.console.print(f"enrolled {enrolled} of {total} people (2 photos each)")
+    ctx.console.print(f"enrolled {enrolled} of {total} people")
 
 
 def identify_people(ctx: DemoContext) -> None:
@@ -499,7 +499,7 @@ def subject_rights(ctx: DemoContext) -> None:
     }
     ctx.console.print(
         f"subject exported {len(export['templates'])} template(s) and "
-        f"{len(export['consents'])} consent(s) (work/../subject-export.json), erased "
+        f"{len(export['consents'])} consent(s) ({export_file.name}), erased "
         f"themselves ({erasure['removed']}); their photo no longer matches them; "
         f"audit chain of {chain['events']} events verifies"
     )
@@ -561,7 +561,7 @@ def _report_markdown(ctx: DemoContext) -> str:
         "",
         "| | value |",
         "| --- | --- |",
-        f"| people enrolled (2 photos each) | {results.get('enrolled')} |",
+        f"| people enrolled (from 1 or 2 usable photos) | {results.get('enrolled')} |",
         f"| rank-1 accuracy on a third photo | {before.get('rank1', 0):.1%} "
         f"({before.get('correct')}/{before.get('probes')}) |",
         f"| false accepts of never-enrolled people | {before.get('false_accepts')}"
@@ -573,7 +573,8 @@ def _report_markdown(ctx: DemoContext) -> str:
         "## Presentation attacks",
         "",
         *[f"- refused: {line}" for line in results.get("spoofs_refused", [])],
-        f"- refusals counted in the audit log: {results.get('refusals_in_audit')}",
+        "- capture refusals counted in the audit log (quality and liveness, "
+        f"enrollment included): {results.get('refusals_in_audit')}",
         "",
     ]
     if "training" in results:
@@ -630,7 +631,8 @@ def _training_markdown(training: dict[str, Any]) -> list[str]:
 
 
 def _training_dir(ctx: DemoContext, site: DemoSite) -> Path:
-    return ctx.work / site.name / "training"
+    # The folder's name is the site's name in the training run's reports.
+    return ctx.work / "training" / site.name
 
 
 def _training_store(ctx: DemoContext, site: DemoSite) -> Any:
@@ -849,6 +851,11 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
         data_dir=data_dir,
     )
     started = time.monotonic()
+    # The demo prints its own summary of each step; the agent's per-photo
+    # INFO lines would bury the progress bars.
+    agent_logger = logging.getLogger("facefed.client.agent")
+    agent_level = agent_logger.level
+    agent_logger.setLevel(logging.WARNING)
     try:
         for number, (name, step) in enumerate(STEPS, start=1):
             console.rule(f"[bold]{number}. {name}")
@@ -869,6 +876,7 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
                 ) from error
             ctx.timings[name] = time.monotonic() - begin
     finally:
+        agent_logger.setLevel(agent_level)
         _stop_everything(ctx)
     console.rule(f"[bold green]done in {time.monotonic() - started:.0f} s")
     return ctx.results
