@@ -77,6 +77,13 @@ def enroll(
         Path | None,
         typer.Option(help="Write the receipt, with the subject token, to this file."),
     ] = None,
+    skip_unusable: Annotated[
+        bool,
+        typer.Option(
+            help="Leave out photos without a usable face if one photo is usable "
+            "(a photo refused by the liveness check always refuses the enrollment)."
+        ),
+    ] = False,
 ) -> None:
     """Enroll one person from one or more photos, with their consent record."""
     from facefed.client.consent import load_consent
@@ -84,7 +91,12 @@ def enroll(
     record = load_consent(consent)
     agent = _agent()
     with console.status("Running the local pipeline and enrolling..."):
-        receipt = agent.enroll(images, subject_ref=subject_ref, consent=record)
+        receipt = agent.enroll(
+            images,
+            subject_ref=subject_ref,
+            consent=record,
+            skip_unusable=skip_unusable,
+        )
     _registry().record(receipt.subject_id, subject_ref)
     console.print(
         f"enrolled subject [bold]{receipt.subject_id}[/bold] "

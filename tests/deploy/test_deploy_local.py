@@ -122,11 +122,32 @@ def _site(state: Path, site: str, *args: str, check: bool = True) -> str:
 
 
 def _people(lfw_manifest, test_data: Path, count: int) -> list[tuple[str, list[Path]]]:
+    """The first `count` people whose three photos all pass the site pipeline.
+
+    (Some LFW photos are turned too far or look recaptured; a site would take
+    another photo, a test cannot.)
+    """
+    from facefed.core.errors import FaceError
+    from facefed.core.image import decode_image
+    from facefed.models.zoo import default_pipeline
+
+    pipeline = default_pipeline(liveness=True)
     photos: dict[str, list[Path]] = {}
     for row in lfw_manifest:
         if row["role"] == "enrolled":
             photos.setdefault(row["identity"], []).append(test_data / row["path"])
-    return sorted((name, sorted(paths)) for name, paths in photos.items())[:count]
+    chosen = []
+    for name, paths in sorted(photos.items()):
+        try:
+            for path in paths:
+                pipeline.embed_one(decode_image(path))
+        except FaceError:
+            continue
+        chosen.append((name, sorted(paths)))
+        if len(chosen) == count:
+            break
+    assert len(chosen) == count
+    return chosen
 
 
 def _fill_training(folder: Path, people, heldout) -> None:
