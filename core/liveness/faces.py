@@ -1,13 +1,12 @@
 """Finding the face a liveness command checks, through the project's detectors."""
 
 import logging
-import os
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from facefed.core.errors import ImageError, ModelError, NoFaceError
+from facefed.core.errors import ImageError, NoFaceError
 from facefed.core.settings import get_core_settings
 from facefed.core.types import Face, ImageArray
 
@@ -22,47 +21,10 @@ class FaceFinder(Protocol):
         ...
 
 
-class _OpenCVYuNet:
-    """OpenCV's YuNet on the shared model file.
-
-    FIXME: this stands in for `create_detector("yunet")` only while
-    core.detection.registry is missing from the tree; it needs the shared data
-    set, so an installed package without it cannot use this path.
-    """
-
-    def __init__(self, path: Path) -> None:
-        import cv2
-
-        self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), 0.6, 0.3)
-
-    def detect(self, image: ImageArray) -> list[Face]:
-        """Return YuNet's faces in an RGB image, best first."""
-        height, width = image.shape[:2]
-        self._net.setInputSize((width, height))
-        _, rows = self._net.detect(np.ascontiguousarray(image[..., ::-1]))
-        faces = []
-        for row in [] if rows is None else rows:
-            x, y, w, h = (float(v) for v in row[:4])
-            box = np.array([x, y, x + w, y + h], np.float32)
-            points = np.asarray(row[4:14], np.float32).reshape(5, 2)
-            faces.append(Face(box=box, score=float(row[14]), landmarks=points))
-        return sorted(faces, key=lambda face: face.score, reverse=True)
-
-
 def default_face_finder() -> FaceFinder:
     """Return the configured detector (`FACEFED_DETECTOR`, default YuNet)."""
-    try:
-        from facefed.core.detection.registry import create_detector
-    except ImportError:
-        shared = Path(os.environ.get("FACEFED_SHARED_DATA", "/work/shared/data"))
-        path = shared / "models" / "yunet" / "yunet_n_dynamic.onnx"
-        if not path.is_file():
-            raise ModelError(
-                f"No face detector is available: core.detection is not installed "
-                f"and the YuNet file {path} does not exist."
-            ) from None
-        logger.debug("core.detection is absent; using OpenCV YuNet at %s", path)
-        return _OpenCVYuNet(path)
+    from facefed.core.detection.registry import create_detector
+
     return create_detector(get_core_settings().detector)
 
 
@@ -85,31 +47,14 @@ def whole_image_face(image: ImageArray) -> Face:
 
 
 def read_rgb(path: Path) -> ImageArray:
-    """Read an image file as RGB uint8, through core.image when it is installed.
+    """Read an image file as RGB uint8 through `core.image.decode_image`.
 
     Raises:
         ImageError: If the file cannot be read or decoded.
     """
-    try:
-        from facefed.core.image import decode_image
-    except ImportError:
-        return _read_with_opencv(path)
+    from facefed.core.image import decode_image
+
     return decode_image(path, max_pixels=get_core_settings().max_image_pixels)
-
-
-def _read_with_opencv(path: Path) -> ImageArray:
-    import cv2
-
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as error:
-        raise ImageError(f"Cannot read the image file {path}: {error}.") from None
-    if data.size == 0:
-        raise ImageError(f"The image file {path} is empty.")
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ImageError(f"The file {path} is not an image OpenCV can decode.")
-    return np.ascontiguousarray(bgr[..., ::-1])
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
