@@ -19,14 +19,16 @@ Two schemes are registered:
   unlinkability across keys (two random rotations make scores between keys
   look like scores between strangers) and renewability without re-enrollment
   (`rotation.py` moves a gallery to a new key with R_new @ R_old.T). Its
-  protection therefore rests on the key never reaching the server, which
-  holds only transformed templates.
+  protection therefore rests on the key staying secret and apart from the
+  templates (the server's key vault, the sites, the admin).
 * ``biohash-v1`` projects the unit-length embedding on 512 keyed Gaussian
   directions and keeps only the signs (BioHashing, Teoh et al., 2004, here
   with more bits than dimensions, the random-hyperplane hash of Charikar,
   2002). The magnitudes are thrown away, so the embedding cannot be
-  recovered exactly even with the key (the inversion attack in `facefed eval
-  privacy` measures how close an attacker with the key gets). Templates are
+  recovered exactly even with the key; but it can be closely: on LFW a MAP
+  attack with the key and a prior from other people's embeddings reaches
+  cosine 0.98, accepted by the raw system 98% of the time (`facefed eval
+  privacy`). Without the key the attack fails. Templates are
   packed bits searched in Hamming distance with Faiss binary indexes. The
   probability that one bit differs is angle / pi, so cos(pi * hamming / bits)
   is an unbiased-in-angle estimate of the cosine score, which keeps scores
