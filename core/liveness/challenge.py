@@ -33,7 +33,7 @@ from facefed.core.liveness.faces import FaceFinder, default_face_finder, largest
 from facefed.core.liveness.landmarks import FaceMeasures, measure_face
 from facefed.core.liveness.settings import get_liveness_settings
 from facefed.core.settings import get_core_settings
-from facefed.core.types import ImageArray
+from facefed.core.types import Face, ImageArray, LivenessResult
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,19 @@ class Challenge:
         except (KeyError, TypeError, ValueError) as error:
             raise ChallengeError(f"The challenge is malformed: {error}.") from None
         return challenge
+
+
+class SilentChecker(Protocol):
+    """A silent liveness checker (see `silent.SilentLivenessChecker`)."""
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold on the fused score."""
+        ...
+
+    def check(self, image: ImageArray, face: Face) -> LivenessResult:
+        """Score one face."""
+        ...
 
 
 class NonceStore(Protocol):
@@ -308,6 +321,11 @@ class ChallengeVerifier:
         clock: Returns the current Unix time; injectable for tests.
         finder: Face detector; the configured default when None.
         thresholds: Action thresholds.
+        silent: A silent checker also run on up to `silent_frames` frames
+            spread over the recording; the response fails when their median
+            score is under the checker's threshold (a recording shown on a
+            screen). None skips this check.
+        silent_frames: How many frames the silent checker sees.
     """
 
     def __init__(
@@ -318,12 +336,16 @@ class ChallengeVerifier:
         clock: Clock = time.time,
         finder: FaceFinder | None = None,
         thresholds: ActionThresholds | None = None,
+        silent: SilentChecker | None = None,
+        silent_frames: int = 8,
     ) -> None:
         self._key = _check_key(key)
         self._store = nonce_store
         self._clock = clock
         self._finder = finder
         self.thresholds = thresholds or ActionThresholds()
+        self._silent = silent
+        self._silent_frames = max(1, silent_frames)
 
     def verify(
         self, challenge: Challenge, frames: Iterable[ImageArray]
@@ -344,10 +366,41 @@ class ChallengeVerifier:
         if refusal:
             logger.info("Liveness challenge refused: %s", refusal)
             return ChallengeVerdict(passed=False, reasons=[refusal])
-        measures = self._measure(frames)
+        recording = list(frames)
+        measures = self._measure(recording)
         verdict = self._match_actions(challenge.actions, measures)
+        silent_reason = self._silent_refusal(recording, measures)
+        if silent_reason:
+            verdict = ChallengeVerdict(
+                passed=False,
+                reasons=[*verdict.reasons, silent_reason],
+                outcomes=verdict.outcomes,
+            )
         logger.info("Liveness challenge %s", "passed" if verdict.passed else "failed")
         return verdict
+
+    def _silent_refusal(
+        self, recording: list[ImageArray], measures: list[FaceMeasures | None]
+    ) -> str:
+        if self._silent is None:
+            return ""
+        with_face = [i for i, m in enumerate(measures) if m is not None]
+        if not with_face:
+            return ""
+        picks = np.linspace(0, len(with_face) - 1, self._silent_frames)
+        finder = self._finder or default_face_finder()
+        scores = []
+        for index in sorted({with_face[round(p)] for p in picks}):
+            frame = recording[index]
+            scores.append(self._silent.check(frame, largest_face(finder, frame)).score)
+        median = float(np.median(scores))
+        if median >= self._silent.threshold:
+            return ""
+        return (
+            "The recording looks like a presentation attack: median silent "
+            f"liveness score {median:.2f} over {len(scores)} frames is below "
+            f"{self._silent.threshold:.2f}."
+        )
 
     def _refusal(self, challenge: Challenge) -> str:
         expected = sign(challenge, self._key)

@@ -114,6 +114,10 @@ def challenge_verify(
     challenge_file: Annotated[
         Path, typer.Option("--challenge", help="The challenge JSON file.")
     ],
+    silent: Annotated[
+        bool,
+        typer.Option(help="Also run the silent check on frames of the recording."),
+    ] = True,
 ) -> None:
     """Check a recorded response to a challenge; exits 4 when it fails."""
     from facefed.core.errors import SpoofError
@@ -134,13 +138,21 @@ def challenge_verify(
         ) from None
     challenge = Challenge.from_dict(data)
     recording = read_frames(frames)
+    from facefed.core.liveness import default_checker
+
     verifier = ChallengeVerifier(
-        key=load_challenge_key(), nonce_store=default_nonce_store()
+        key=load_challenge_key(),
+        nonce_store=default_nonce_store(),
+        silent=default_checker() if silent else None,
     )
     verdict = verifier.verify(challenge, recording)
     typer.echo(f"{len(recording)} frames, actions: {' then '.join(challenge.actions)}")
     for outcome in verdict.outcomes:
         typer.echo(f"  {'pass' if outcome.passed else 'FAIL'}  {outcome.reason}")
+    failed_actions = {o.reason for o in verdict.outcomes if not o.passed}
+    for reason in verdict.reasons:
+        if reason not in failed_actions and verdict.outcomes:
+            typer.echo(f"  FAIL  {reason}")
     if not verdict.passed:
         raise SpoofError(
             "The liveness challenge failed: " + " ".join(verdict.reasons),

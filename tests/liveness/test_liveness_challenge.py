@@ -288,3 +288,25 @@ def test_unreadable_recordings_are_refused(tmp_path):
     (tmp_path / "junk.avi").write_bytes(b"not a video")
     with pytest.raises(ImageError, match="No frame"):
         read_frames(tmp_path / "junk.avi")
+
+
+def test_silent_check_runs_on_the_recording(issuer, clock, action_frames):
+    from facefed.core.liveness import default_checker
+    from facefed.core.liveness.silent import SilentConfig, SilentLivenessChecker
+
+    challenge = issuer.issue(2)
+    frames = performing(challenge.actions, action_frames)
+    with_default = ChallengeVerifier(
+        key=KEY, nonce_store=MemoryNonceStore(), clock=clock, silent=default_checker()
+    )
+    assert with_default.verify(challenge, frames).passed
+    # The same recording under a threshold its frames cannot reach: every
+    # action is still seen, and the silent check alone fails the response.
+    strict = SilentLivenessChecker(SilentConfig(threshold=0.99))
+    verifier = ChallengeVerifier(
+        key=KEY, nonce_store=MemoryNonceStore(), clock=clock, silent=strict
+    )
+    verdict = verifier.verify(challenge, frames)
+    assert not verdict.passed
+    assert all(outcome.passed for outcome in verdict.outcomes)
+    assert verdict.reasons[-1].startswith("The recording looks like a presentation")
