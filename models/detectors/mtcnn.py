@@ -14,10 +14,12 @@ order, inherited from the Caffe models.
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import numpy.typing as npt
+import torch
+from torch import nn
 
 from facefed.core.detection.base import check_image
 from facefed.core.detection.nms import hard_nms
@@ -30,9 +32,6 @@ from facefed.models.detectors.common import (
     load_state_dict,
 )
 
-if TYPE_CHECKING:
-    import torch
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS_DIR = WEIGHTS_DIR / "mtcnn"
@@ -42,108 +41,101 @@ PNET_STRIDE = 2
 FloatArray = npt.NDArray[np.float32]
 
 
-def _build_networks() -> tuple["torch.nn.Module", "torch.nn.Module", "torch.nn.Module"]:
-    """Return untrained P-Net, R-Net and O-Net (torch imported lazily)."""
-    import torch
-    from torch import nn
+class PNet(nn.Module):
+    """Proposal network: fully convolutional, 12x12 receptive field."""
 
-    class PNet(nn.Module):
-        """Proposal network: fully convolutional, 12x12 receptive field."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 10, 3)
+        self.prelu1 = nn.PReLU(10)
+        self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(10, 16, 3)
+        self.prelu2 = nn.PReLU(16)
+        self.conv3 = nn.Conv2d(16, 32, 3)
+        self.prelu3 = nn.PReLU(32)
+        self.conv4_1 = nn.Conv2d(32, 2, 1)
+        self.conv4_2 = nn.Conv2d(32, 4, 1)
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 10, 3)
-            self.prelu1 = nn.PReLU(10)
-            self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
-            self.conv2 = nn.Conv2d(10, 16, 3)
-            self.prelu2 = nn.PReLU(16)
-            self.conv3 = nn.Conv2d(16, 32, 3)
-            self.prelu3 = nn.PReLU(32)
-            self.conv4_1 = nn.Conv2d(32, 2, 1)
-            self.conv4_2 = nn.Conv2d(32, 4, 1)
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Return face probability maps (N, 2, h, w) and offsets (N, 4, h, w)."""
-            x = self.pool1(self.prelu1(self.conv1(x)))
-            x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
-            return torch.softmax(self.conv4_1(x), dim=1), self.conv4_2(x)
-
-    class RNet(nn.Module):
-        """Refinement network on 24x24 crops."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 28, 3)
-            self.prelu1 = nn.PReLU(28)
-            self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-            self.conv2 = nn.Conv2d(28, 48, 3)
-            self.prelu2 = nn.PReLU(48)
-            self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-            self.conv3 = nn.Conv2d(48, 64, 2)
-            self.prelu3 = nn.PReLU(64)
-            self.dense4 = nn.Linear(576, 128)
-            self.prelu4 = nn.PReLU(128)
-            self.dense5_1 = nn.Linear(128, 2)
-            self.dense5_2 = nn.Linear(128, 4)
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Return face probabilities (N, 2) and box offsets (N, 4)."""
-            x = self.pool1(self.prelu1(self.conv1(x)))
-            x = self.pool2(self.prelu2(self.conv2(x)))
-            x = self.prelu3(self.conv3(x))
-            # The converted Caffe weights expect a (W, H, C) flattening order.
-            x = self.prelu4(self.dense4(x.permute(0, 3, 2, 1).flatten(1)))
-            return torch.softmax(self.dense5_1(x), dim=1), self.dense5_2(x)
-
-    class ONet(nn.Module):
-        """Output network on 48x48 crops, with five landmarks."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 32, 3)
-            self.prelu1 = nn.PReLU(32)
-            self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-            self.conv2 = nn.Conv2d(32, 64, 3)
-            self.prelu2 = nn.PReLU(64)
-            self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-            self.conv3 = nn.Conv2d(64, 64, 3)
-            self.prelu3 = nn.PReLU(64)
-            self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
-            self.conv4 = nn.Conv2d(64, 128, 2)
-            self.prelu4 = nn.PReLU(128)
-            self.dense5 = nn.Linear(1152, 256)
-            self.prelu5 = nn.PReLU(256)
-            self.dense6_1 = nn.Linear(256, 2)
-            self.dense6_2 = nn.Linear(256, 4)
-            self.dense6_3 = nn.Linear(256, 10)
-
-        def forward(
-            self, x: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """Return probabilities (N, 2), offsets (N, 4), landmarks (N, 10)."""
-            x = self.pool1(self.prelu1(self.conv1(x)))
-            x = self.pool2(self.prelu2(self.conv2(x)))
-            x = self.pool3(self.prelu3(self.conv3(x)))
-            x = self.prelu4(self.conv4(x))
-            x = self.prelu5(self.dense5(x.permute(0, 3, 2, 1).flatten(1)))
-            return (
-                torch.softmax(self.dense6_1(x), dim=1),
-                self.dense6_2(x),
-                self.dense6_3(x),
-            )
-
-    return PNet(), RNet(), ONet()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return face probability maps (N, 2, h, w) and offsets (N, 4, h, w)."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return torch.softmax(self.conv4_1(x), dim=1), self.conv4_2(x)
 
 
-def load_mtcnn(
-    folder: Path = DEFAULT_WEIGHTS_DIR,
-) -> tuple["torch.nn.Module", "torch.nn.Module", "torch.nn.Module"]:
+class RNet(nn.Module):
+    """Refinement network on 24x24 crops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 28, 3)
+        self.prelu1 = nn.PReLU(28)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(28, 48, 3)
+        self.prelu2 = nn.PReLU(48)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(48, 64, 2)
+        self.prelu3 = nn.PReLU(64)
+        self.dense4 = nn.Linear(576, 128)
+        self.prelu4 = nn.PReLU(128)
+        self.dense5_1 = nn.Linear(128, 2)
+        self.dense5_2 = nn.Linear(128, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return face probabilities (N, 2) and box offsets (N, 4)."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.prelu3(self.conv3(x))
+        # The converted Caffe weights expect a (W, H, C) flattening order.
+        x = self.prelu4(self.dense4(x.permute(0, 3, 2, 1).flatten(1)))
+        return torch.softmax(self.dense5_1(x), dim=1), self.dense5_2(x)
+
+
+class ONet(nn.Module):
+    """Output network on 48x48 crops, with five landmarks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3)
+        self.prelu1 = nn.PReLU(32)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(32, 64, 3)
+        self.prelu2 = nn.PReLU(64)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(64, 64, 3)
+        self.prelu3 = nn.PReLU(64)
+        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv4 = nn.Conv2d(64, 128, 2)
+        self.prelu4 = nn.PReLU(128)
+        self.dense5 = nn.Linear(1152, 256)
+        self.prelu5 = nn.PReLU(256)
+        self.dense6_1 = nn.Linear(256, 2)
+        self.dense6_2 = nn.Linear(256, 4)
+        self.dense6_3 = nn.Linear(256, 10)
+
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return probabilities (N, 2), offsets (N, 4), landmarks (N, 10)."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.pool3(self.prelu3(self.conv3(x)))
+        x = self.prelu4(self.conv4(x))
+        x = self.prelu5(self.dense5(x.permute(0, 3, 2, 1).flatten(1)))
+        return (
+            torch.softmax(self.dense6_1(x), dim=1),
+            self.dense6_2(x),
+            self.dense6_3(x),
+        )
+
+
+def load_mtcnn(folder: Path = DEFAULT_WEIGHTS_DIR) -> tuple[PNet, RNet, ONet]:
     """Build P-Net, R-Net and O-Net and load ``{pnet,rnet,onet}.pt`` strictly.
 
     Raises:
         ModelError: If a file is missing or does not fit its network.
     """
-    networks = _build_networks()
+    networks = (PNet(), RNet(), ONet())
     for name, network in zip(("pnet", "rnet", "onet"), networks, strict=True):
         path = folder / f"{name}.pt"
         try:
@@ -238,8 +230,6 @@ def crop_patches(image: ImageArray, boxes: FloatArray, size: int) -> FloatArray:
     Returns:
         (N, 3, size, size) float32 scaled to [-1, 1], as the networks expect.
     """
-    import cv2
-
     height, width = image.shape[:2]
     patches = np.empty((len(boxes), size, size, 3), dtype=np.float32)
     for i, box in enumerate(np.round(boxes).astype(np.int64)):
@@ -291,8 +281,6 @@ class MtcnnDetector:
         Raises:
             ImageError: If ``image`` is not an RGB uint8 array.
         """
-        import torch
-
         check_image(image)
         with torch.inference_mode():
             boxes, _ = self._propose(image)
@@ -304,9 +292,6 @@ class MtcnnDetector:
 
     def _propose(self, image: ImageArray) -> tuple[FloatArray, FloatArray]:
         """Stage 1: P-Net over the pyramid, NMS per scale then across scales."""
-        import cv2
-        import torch
-
         height, width = image.shape[:2]
         config = self.config
         found_boxes, found_scores = [], []
@@ -342,8 +327,6 @@ class MtcnnDetector:
         self, image: ImageArray, boxes: FloatArray
     ) -> tuple[FloatArray, FloatArray]:
         """Stage 2: R-Net re-scores and calibrates 24x24 crops."""
-        import torch
-
         probs, offsets = self.rnet(torch.from_numpy(crop_patches(image, boxes, 24)))
         scores = probs[:, 1].numpy()
         keep = scores >= self.config.thresholds[1]
@@ -354,8 +337,6 @@ class MtcnnDetector:
 
     def _output(self, image: ImageArray, boxes: FloatArray) -> list[Face]:
         """Stage 3: O-Net scores, calibrates and places the landmarks."""
-        import torch
-
         probs, offsets, marks = self.onet(
             torch.from_numpy(crop_patches(image, boxes, 48))
         )

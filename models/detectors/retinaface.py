@@ -13,10 +13,13 @@ loads with ``strict=True``.
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import numpy.typing as npt
+import torch
+import torch.nn.functional as func
+from torch import nn
 
 from facefed.core.detection.base import check_image
 from facefed.core.detection.nms import hard_nms
@@ -28,9 +31,6 @@ from facefed.models.detectors.common import (
     faces_from_arrays,
     load_state_dict,
 )
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -44,181 +44,175 @@ VARIANCES: tuple[float, float] = (0.1, 0.2)
 BGR_MEAN: tuple[float, float, float] = (104.0, 117.0, 123.0)
 
 
-def _build_network() -> "torch.nn.Module":
-    """Return an untrained RetinaFace MobileNet-0.25 (torch imported lazily)."""
-    import torch
-    import torch.nn.functional as func
-    from torch import nn
+def conv_bn(cin: int, cout: int, stride: int, slope: float) -> nn.Sequential:
+    """3x3 convolution, batch norm, leaky ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(negative_slope=slope, inplace=True),
+    )
 
-    def conv_bn(cin: int, cout: int, stride: int, slope: float) -> nn.Sequential:
-        """3x3 convolution, batch norm, leaky ReLU."""
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.LeakyReLU(negative_slope=slope, inplace=True),
+
+def conv_bn_linear(cin: int, cout: int) -> nn.Sequential:
+    """3x3 convolution and batch norm without activation."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+    )
+
+
+def conv1x1_bn(cin: int, cout: int, slope: float) -> nn.Sequential:
+    """1x1 convolution, batch norm, leaky ReLU (pyramid lateral)."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 1, 1, 0, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(negative_slope=slope, inplace=True),
+    )
+
+
+def depthwise_separable(cin: int, cout: int, stride: int) -> nn.Sequential:
+    """MobileNetV1 block: depthwise 3x3 then pointwise 1x1, each BN + leaky."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+        nn.BatchNorm2d(cin),
+        nn.LeakyReLU(negative_slope=0.1, inplace=True),
+        nn.Conv2d(cin, cout, 1, 1, 0, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(negative_slope=0.1, inplace=True),
+    )
+
+
+class Backbone(nn.Module):
+    """MobileNetV1 at width 0.25, cut into three stages (strides 8, 16, 32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(
+            conv_bn(3, 8, 2, 0.1),
+            depthwise_separable(8, 16, 1),
+            depthwise_separable(16, 32, 2),
+            depthwise_separable(32, 32, 1),
+            depthwise_separable(32, 64, 2),
+            depthwise_separable(64, 64, 1),
+        )
+        self.stage2 = nn.Sequential(
+            depthwise_separable(64, 128, 2),
+            *[depthwise_separable(128, 128, 1) for _ in range(5)],
+        )
+        self.stage3 = nn.Sequential(
+            depthwise_separable(128, 256, 2), depthwise_separable(256, 256, 1)
         )
 
-    def conv_bn_linear(cin: int, cout: int) -> nn.Sequential:
-        """3x3 convolution and batch norm without activation."""
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return the three stage outputs."""
+        c3 = self.stage1(x)
+        c4 = self.stage2(c3)
+        c5 = self.stage3(c4)
+        return c3, c4, c5
+
+
+class Pyramid(nn.Module):
+    """Top-down feature pyramid with nearest upsampling and 3x3 merges."""
+
+    def __init__(self, channels: tuple[int, int, int], width: int) -> None:
+        super().__init__()
+        self.output1 = conv1x1_bn(channels[0], width, 0.1)
+        self.output2 = conv1x1_bn(channels[1], width, 0.1)
+        self.output3 = conv1x1_bn(channels[2], width, 0.1)
+        self.merge1 = conv_bn(width, width, 1, 0.1)
+        self.merge2 = conv_bn(width, width, 1, 0.1)
+
+    def forward(
+        self, feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Merge coarse levels into finer ones; return the three levels."""
+        p3 = self.output1(feats[0])
+        p4 = self.output2(feats[1])
+        p5 = self.output3(feats[2])
+        p4 = self.merge2(p4 + func.interpolate(p5, size=p4.shape[-2:], mode="nearest"))
+        p3 = self.merge1(p3 + func.interpolate(p4, size=p3.shape[-2:], mode="nearest"))
+        return [p3, p4, p5]
+
+
+class ContextModule(nn.Module):
+    """SSH context module: 3x3, stacked 5x5 and 7x7 receptive fields."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv3X3 = conv_bn_linear(width, width // 2)
+        self.conv5X5_1 = conv_bn(width, width // 4, 1, 0.1)
+        self.conv5X5_2 = conv_bn_linear(width // 4, width // 4)
+        self.conv7X7_2 = conv_bn(width // 4, width // 4, 1, 0.1)
+        self.conv7x7_3 = conv_bn_linear(width // 4, width // 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate the three branches and apply ReLU."""
+        branch3 = self.conv3X3(x)
+        shared = self.conv5X5_1(x)
+        branch5 = self.conv5X5_2(shared)
+        branch7 = self.conv7x7_3(self.conv7X7_2(shared))
+        return func.relu(torch.cat([branch3, branch5, branch7], dim=1))
+
+
+class Head(nn.Module):
+    """1x1 convolution giving ``values`` numbers per anchor, flattened."""
+
+    def __init__(self, width: int, anchors: int, values: int) -> None:
+        super().__init__()
+        self.values = values
+        self.conv1x1 = nn.Conv2d(width, anchors * values, 1, 1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return (N, H * W * anchors, values) in row-major cell order."""
+        out = self.conv1x1(x).permute(0, 2, 3, 1).contiguous()
+        return out.view(out.shape[0], -1, self.values)
+
+
+class RetinaFaceNet(nn.Module):
+    """RetinaFace MobileNet-0.25 returning box, class and landmark outputs.
+
+    Input: (N, 3, H, W) float BGR minus ``BGR_MEAN``. Outputs: box offsets
+    (N, A, 4), face/background probabilities after softmax (N, A, 2) and
+    landmark offsets (N, A, 10), A = 2 anchors x cells of the 3 levels.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        width, anchors = 64, 2
+        self.body = Backbone()
+        self.fpn = Pyramid((64, 128, 256), width)
+        self.ssh1 = ContextModule(width)
+        self.ssh2 = ContextModule(width)
+        self.ssh3 = ContextModule(width)
+        self.ClassHead = nn.ModuleList(Head(width, anchors, 2) for _ in range(3))
+        self.BboxHead = nn.ModuleList(Head(width, anchors, 4) for _ in range(3))
+        self.LandmarkHead = nn.ModuleList(Head(width, anchors, 10) for _ in range(3))
+
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the detector; see the class docstring for the shapes."""
+        levels = self.fpn(self.body(x))
+        feats = [
+            self.ssh1(levels[0]),
+            self.ssh2(levels[1]),
+            self.ssh3(levels[2]),
+        ]
+        boxes = torch.cat(
+            [head(f) for head, f in zip(self.BboxHead, feats, strict=True)], 1
         )
-
-    def conv1x1_bn(cin: int, cout: int, slope: float) -> nn.Sequential:
-        """1x1 convolution, batch norm, leaky ReLU (pyramid lateral)."""
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.LeakyReLU(negative_slope=slope, inplace=True),
+        logits = torch.cat(
+            [head(f) for head, f in zip(self.ClassHead, feats, strict=True)], 1
         )
-
-    def depthwise_separable(cin: int, cout: int, stride: int) -> nn.Sequential:
-        """MobileNetV1 block: depthwise 3x3 then pointwise 1x1, each BN + leaky."""
-        return nn.Sequential(
-            nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
-            nn.BatchNorm2d(cin),
-            nn.LeakyReLU(negative_slope=0.1, inplace=True),
-            nn.Conv2d(cin, cout, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.LeakyReLU(negative_slope=0.1, inplace=True),
+        marks = torch.cat(
+            [head(f) for head, f in zip(self.LandmarkHead, feats, strict=True)],
+            1,
         )
-
-    class Backbone(nn.Module):
-        """MobileNetV1 at width 0.25, cut into three stages (strides 8, 16, 32)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.stage1 = nn.Sequential(
-                conv_bn(3, 8, 2, 0.1),
-                depthwise_separable(8, 16, 1),
-                depthwise_separable(16, 32, 2),
-                depthwise_separable(32, 32, 1),
-                depthwise_separable(32, 64, 2),
-                depthwise_separable(64, 64, 1),
-            )
-            self.stage2 = nn.Sequential(
-                depthwise_separable(64, 128, 2),
-                *[depthwise_separable(128, 128, 1) for _ in range(5)],
-            )
-            self.stage3 = nn.Sequential(
-                depthwise_separable(128, 256, 2), depthwise_separable(256, 256, 1)
-            )
-
-        def forward(
-            self, x: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """Return the three stage outputs."""
-            c3 = self.stage1(x)
-            c4 = self.stage2(c3)
-            c5 = self.stage3(c4)
-            return c3, c4, c5
-
-    class Pyramid(nn.Module):
-        """Top-down feature pyramid with nearest upsampling and 3x3 merges."""
-
-        def __init__(self, channels: tuple[int, int, int], width: int) -> None:
-            super().__init__()
-            self.output1 = conv1x1_bn(channels[0], width, 0.1)
-            self.output2 = conv1x1_bn(channels[1], width, 0.1)
-            self.output3 = conv1x1_bn(channels[2], width, 0.1)
-            self.merge1 = conv_bn(width, width, 1, 0.1)
-            self.merge2 = conv_bn(width, width, 1, 0.1)
-
-        def forward(
-            self, feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-        ) -> list[torch.Tensor]:
-            """Merge coarse levels into finer ones; return the three levels."""
-            p3 = self.output1(feats[0])
-            p4 = self.output2(feats[1])
-            p5 = self.output3(feats[2])
-            p4 = self.merge2(
-                p4 + func.interpolate(p5, size=p4.shape[-2:], mode="nearest")
-            )
-            p3 = self.merge1(
-                p3 + func.interpolate(p4, size=p3.shape[-2:], mode="nearest")
-            )
-            return [p3, p4, p5]
-
-    class ContextModule(nn.Module):
-        """SSH context module: 3x3, stacked 5x5 and 7x7 receptive fields."""
-
-        def __init__(self, width: int) -> None:
-            super().__init__()
-            self.conv3X3 = conv_bn_linear(width, width // 2)
-            self.conv5X5_1 = conv_bn(width, width // 4, 1, 0.1)
-            self.conv5X5_2 = conv_bn_linear(width // 4, width // 4)
-            self.conv7X7_2 = conv_bn(width // 4, width // 4, 1, 0.1)
-            self.conv7x7_3 = conv_bn_linear(width // 4, width // 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            """Concatenate the three branches and apply ReLU."""
-            branch3 = self.conv3X3(x)
-            shared = self.conv5X5_1(x)
-            branch5 = self.conv5X5_2(shared)
-            branch7 = self.conv7x7_3(self.conv7X7_2(shared))
-            return func.relu(torch.cat([branch3, branch5, branch7], dim=1))
-
-    class Head(nn.Module):
-        """1x1 convolution giving ``values`` numbers per anchor, flattened."""
-
-        def __init__(self, width: int, anchors: int, values: int) -> None:
-            super().__init__()
-            self.values = values
-            self.conv1x1 = nn.Conv2d(width, anchors * values, 1, 1, 0)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            """Return (N, H * W * anchors, values) in row-major cell order."""
-            out = self.conv1x1(x).permute(0, 2, 3, 1).contiguous()
-            return out.view(out.shape[0], -1, self.values)
-
-    class RetinaFaceNet(nn.Module):
-        """RetinaFace MobileNet-0.25 returning box, class and landmark outputs.
-
-        Input: (N, 3, H, W) float BGR minus ``BGR_MEAN``. Outputs: box offsets
-        (N, A, 4), face/background probabilities after softmax (N, A, 2) and
-        landmark offsets (N, A, 10), A = 2 anchors x cells of the 3 levels.
-        """
-
-        def __init__(self) -> None:
-            super().__init__()
-            width, anchors = 64, 2
-            self.body = Backbone()
-            self.fpn = Pyramid((64, 128, 256), width)
-            self.ssh1 = ContextModule(width)
-            self.ssh2 = ContextModule(width)
-            self.ssh3 = ContextModule(width)
-            self.ClassHead = nn.ModuleList(Head(width, anchors, 2) for _ in range(3))
-            self.BboxHead = nn.ModuleList(Head(width, anchors, 4) for _ in range(3))
-            self.LandmarkHead = nn.ModuleList(
-                Head(width, anchors, 10) for _ in range(3)
-            )
-
-        def forward(
-            self, x: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """Run the detector; see the class docstring for the shapes."""
-            levels = self.fpn(self.body(x))
-            feats = [
-                self.ssh1(levels[0]),
-                self.ssh2(levels[1]),
-                self.ssh3(levels[2]),
-            ]
-            boxes = torch.cat(
-                [head(f) for head, f in zip(self.BboxHead, feats, strict=True)], 1
-            )
-            logits = torch.cat(
-                [head(f) for head, f in zip(self.ClassHead, feats, strict=True)], 1
-            )
-            marks = torch.cat(
-                [head(f) for head, f in zip(self.LandmarkHead, feats, strict=True)],
-                1,
-            )
-            return boxes, func.softmax(logits, dim=-1), marks
-
-    return RetinaFaceNet()
+        return boxes, func.softmax(logits, dim=-1), marks
 
 
-def load_retinaface(path: Path = DEFAULT_WEIGHTS) -> "torch.nn.Module":
+def load_retinaface(path: Path = DEFAULT_WEIGHTS) -> RetinaFaceNet:
     """Build the network and load a MobileNet-0.25 state dict strictly.
 
     Args:
@@ -230,7 +224,7 @@ def load_retinaface(path: Path = DEFAULT_WEIGHTS) -> "torch.nn.Module":
     Raises:
         ModelError: If the file is missing or does not fit the architecture.
     """
-    network = _build_network()
+    network = RetinaFaceNet()
     state = load_state_dict(path)
     try:
         network.load_state_dict(state, strict=True)
@@ -364,9 +358,6 @@ class RetinaFaceDetector:
         Raises:
             ImageError: If ``image`` is not an RGB uint8 array.
         """
-        import cv2
-        import torch
-
         check_image(image)
         height, width = image.shape[:2]
         scale = 1.0
@@ -426,8 +417,6 @@ def export_onnx(path: Path, *, weights: Path = DEFAULT_WEIGHTS) -> Path:
     Returns:
         ``path``.
     """
-    import torch
-
     network = load_retinaface(weights)
     height = torch.export.Dim("height", min=32, max=8192)
     width = torch.export.Dim("width", min=32, max=8192)
