@@ -7,6 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from facefed.core.errors import ConfigurationError, SpoofError
@@ -191,3 +193,22 @@ def test_eval_on_the_shared_set_keeps_its_calibrated_error_rates(shared_data, tm
     assert everything["calibrated_threshold"] == pytest.approx(
         report["threshold"], abs=0.01
     )
+
+
+@given(
+    live=st.lists(st.floats(0, 1), min_size=1, max_size=30),
+    a=st.lists(st.floats(0, 1), min_size=1, max_size=30),
+    b=st.lists(st.floats(0, 1), min_size=1, max_size=30),
+    threshold=st.floats(0, 1),
+)
+def test_error_rates_match_counting_by_hand(live, a, b, threshold):
+    rates = error_rates(live, {"a": a, "b": b}, threshold)
+    accepted_a = sum(1 for s in a if s >= threshold) / len(a)
+    accepted_b = sum(1 for s in b if s >= threshold) / len(b)
+    refused = sum(1 for s in live if s < threshold) / len(live)
+    assert rates.apcer == {
+        "a": pytest.approx(accepted_a),
+        "b": pytest.approx(accepted_b),
+    }
+    assert rates.apcer_max == pytest.approx(max(accepted_a, accepted_b))
+    assert rates.bpcer == pytest.approx(refused)

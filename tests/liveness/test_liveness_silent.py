@@ -165,3 +165,54 @@ def test_whole_image_box_scores_a_tight_crop(checker, sample_faces):
     )
     result = checker.check(crop, whole)
     assert 0.0 <= result.score <= 1.0 and set(result.cues) >= {"network", "texture"}
+
+
+def test_a_screen_grating_raises_the_moire_measure(sample_faces):
+    # A fine periodic pattern over the face, as a camera sees a screen's pixel
+    # grid, must show as a spectral peak and lower the moire live score.
+    image, face = sample_faces["image_T1.jpg"]
+    clean = measure_texture(image, face.box)
+    height, width = image.shape[:2]
+    yy, xx = np.mgrid[0:height, 0:width]
+    grating = 18 * np.sin(2 * np.pi * (xx * 0.16 + yy * 0.05))
+    striped = np.clip(image.astype(np.float32) + grating[..., None], 0, 255)
+    moire = measure_texture(striped.astype(np.uint8), face.box)
+    assert moire.moire > clean.moire + 2.0
+    assert moire.moire_score < 0.5 < clean.moire_score
+
+
+def test_a_colour_cast_gradient_raises_the_chroma_measure(sample_faces):
+    image, face = sample_faces["image_T1.jpg"]
+    clean = measure_texture(image, face.box)
+    centre, half = (face.box[0] + face.box[2]) / 2, (face.box[2] - face.box[0]) / 2
+    columns = np.arange(image.shape[1], dtype=np.float32)
+    ramp = (40 * np.clip((columns - centre) / half, -1, 1))[None, :]
+    cast = image.astype(np.float32)
+    cast[..., 0] += ramp  # a red-to-cyan sweep, as on a tilted screen
+    cast[..., 2] -= ramp
+    tinted = measure_texture(np.clip(cast, 0, 255).astype(np.uint8), face.box)
+    assert tinted.chroma > clean.chroma + 3.0
+    assert tinted.chroma_score < clean.chroma_score
+
+
+def test_cuda_request_without_a_cuda_provider_is_refused(monkeypatch, caplog):
+    import logging
+
+    from facefed.core.errors import ModelError
+    from facefed.core.liveness import minifasnet
+
+    monkeypatch.setattr(
+        minifasnet.ort, "get_available_providers", lambda: ["CPUExecutionProvider"]
+    )
+    with pytest.raises(ModelError, match="CUDA"):
+        minifasnet.providers_for("cuda")
+    with caplog.at_level(logging.INFO, logger="facefed.core.liveness.minifasnet"):
+        assert minifasnet.providers_for("auto") == ["CPUExecutionProvider"]
+    assert "CPU" in caplog.text
+    monkeypatch.setattr(
+        minifasnet.ort,
+        "get_available_providers",
+        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    assert minifasnet.providers_for("auto")[0] == "CUDAExecutionProvider"
+    assert minifasnet.providers_for("cpu") == ["CPUExecutionProvider"]
