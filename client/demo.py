@@ -123,6 +123,7 @@ class DemoContext:
     pipeline: Any = None
     results: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    usable_probes: dict[str, Path] = field(default_factory=dict)
 
 
 Step = Callable[[DemoContext], None]
@@ -382,6 +383,7 @@ def _identify_all(
             except FaceError:
                 refused += 1
                 continue
+            ctx.usable_probes[person.identity] = person.photos[2]
             expected = site.receipts[person.identity].subject_id
             best = result.candidates[0] if result.candidates else None
             genuine.append(
@@ -461,9 +463,8 @@ def refuse_spoof(ctx: DemoContext) -> None:
 
 def subject_rights(ctx: DemoContext) -> None:
     """A data subject exports their data, erases themselves, and no longer matches."""
-    site = next(s for s in ctx.sites if s.receipts)
-    identity, receipt = next(iter(site.receipts.items()))
-    person = next(p for p in site.people if p.identity == identity)
+    site, identity, _ = _two_probed_people(ctx)
+    receipt = site.receipts[identity]
     anonymous = GalleryClient.from_settings(
         ClientSettings(
             server_url=ctx.server.url if ctx.server else "", collection=COLLECTION
@@ -482,7 +483,7 @@ def subject_rights(ctx: DemoContext) -> None:
     if site.agent.data_store is not None:
         site.agent.data_store.forget(identity)
     del site.receipts[identity]
-    after = site.agent.identify(person.photos[2], top_k=5)
+    after = site.agent.identify(ctx.usable_probes[identity], top_k=5)
     still_there = [c for c in after.candidates if c.subject_id == receipt.subject_id]
     if still_there:
         raise DemoError("The erased subject is still returned by identify.")
@@ -770,29 +771,37 @@ def _training_summary(state: Any, config: Any) -> dict[str, Any]:
 # -- encrypted matching ------------------------------------------------------------
 
 
+def _two_probed_people(ctx: DemoContext) -> tuple[DemoSite, str, str]:
+    """A site and two of its enrolled people whose probe photos pass the pipeline."""
+    for site in ctx.sites:
+        probed = [name for name in site.receipts if name in ctx.usable_probes]
+        if len(probed) >= 2:
+            return site, probed[0], probed[1]
+    raise DemoError("No site has two enrolled people with a usable probe photo.")
+
+
 def encrypted_match(ctx: DemoContext) -> None:
     """A 1:1 match where the server scores a CKKS-encrypted probe it cannot read."""
     from facefed.privacy.he import SiteHEContext
 
-    site = next(s for s in ctx.sites if len(s.receipts) >= 2)
-    (claimed, receipt), (other, _) = list(site.receipts.items())[:2]
-    people = {p.identity: p for p in site.people}
+    site, claimed, other = _two_probed_people(ctx)
+    receipt = site.receipts[claimed]
     threshold = float(ctx.results["before"]["threshold"])
     he_context = SiteHEContext.create(galois_keys=False, n_threads=1)
     context_id = site.agent.client.upload_he_context(he_context.public_bytes())
     genuine = site.agent.verify_encrypted(
-        people[claimed].photos[2], subject_id=receipt.subject_id,
+        ctx.usable_probes[claimed], subject_id=receipt.subject_id,
         he_context=he_context, context_id=context_id, threshold=threshold,
     )  # fmt: skip
     impostor = site.agent.verify_encrypted(
-        people[other].photos[2], subject_id=receipt.subject_id,
+        ctx.usable_probes[other], subject_id=receipt.subject_id,
         he_context=he_context, context_id=context_id, threshold=threshold,
     )  # fmt: skip
     genuine_plain = site.agent.verify(
-        people[claimed].photos[2], subject_id=receipt.subject_id
+        ctx.usable_probes[claimed], subject_id=receipt.subject_id
     )
     impostor_plain = site.agent.verify(
-        people[other].photos[2], subject_id=receipt.subject_id
+        ctx.usable_probes[other], subject_id=receipt.subject_id
     )
     ctx.results["encrypted"] = {
         "genuine_score": genuine.score,
