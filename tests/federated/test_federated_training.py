@@ -11,7 +11,6 @@ from facefed.client.federated.model import SplitNetwork, load_network
 from facefed.client.federated.profiles import degrade, known_profiles
 from facefed.client.federated.site import SiteRuntime
 from facefed.client.federated.training import (
-    CosineClassifier,
     arcface_loss,
     noise_multiplier_for,
 )

@@ -1,0 +1,151 @@
+"""End to end: a short federated run on the simulation and deployment engines.
+
+Each run checks that the model changed, every site recorded its epsilon,
+and that what the server received holds only the shared layers' arrays,
+scalar metrics and the site's name: no image, chip, embedding or label.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from facefed.client.federated.config import TrainingConfig
+from facefed.client.federated.model import SplitNetwork, load_network
+from facefed.server.federated.runner import read_progress, start_simulation
+
+ALLOWED_METRICS = {
+    "num-examples",
+    "loss",
+    "steps",
+    "epsilon",
+    "delta",
+    "noise-multiplier",
+    "sample-rate",
+    "accuracy",
+    "tar-far-1e-2",
+    "parent-accuracy",
+    "parent-tar-far-1e-2",
+    "cross-accuracy",
+    "cross-tar-far-1e-2",
+}
+
+
+def _shared_shapes() -> dict[str, list[int]]:
+    split = SplitNetwork(load_network(), trainable_blocks=2)
+    return {k: list(v.shape) for k, v in split.shared_state().items()}
+
+
+def _assert_only_shared_arrays_and_metrics(run_dir: Path, site_names: set[str]):
+    shapes = _shared_shapes()
+    entries = [json.loads(line) for line in (run_dir / "messages.jsonl").open()]
+    assert entries
+    for entry in entries:
+        if "error" in entry:
+            continue
+        records = entry["records"]
+        expected = {"metrics", "site"} | (
+            {"arrays"} if entry["phase"] == "train" else set()
+        )
+        assert set(records) == expected, records.keys()
+        if "arrays" in records:
+            received = {k: v[0] for k, v in records["arrays"]["items"].items()}
+            assert received == shapes
+        metrics = records["metrics"]["items"]
+        assert set(metrics) <= ALLOWED_METRICS
+        assert set(metrics.values()) <= {"float", "int"}
+        site = records["site"]
+        assert site["items"] == {"site": "str"}
+        assert site["values"]["site"] in site_names
+
+
+def _assert_model_changed_and_epsilon(run_dir: Path, sites: list[Path], rounds: int):
+    model_dir = run_dir / "model"
+    summary = json.loads((model_dir / "training.json").read_text())
+    weights = torch.load(model_dir / "weights.pt", weights_only=True)
+    base = load_network().state_dict()
+    changed = [k for k in base if not torch.equal(base[k], weights[k])]
+    assert changed and set(changed) <= set(summary["shared_layers"])
+    for site in sites:
+        assert 0 < summary["epsilon"][site.name] <= 8.0
+        ledger = json.loads((site / ".facefed" / "ledger.json").read_text())
+        assert len(ledger["runs"]) == rounds
+    onnx = list(model_dir.glob("facefed-ft-*.onnx"))
+    assert len(onnx) == 1
+    metadata = json.loads(onnx[0].with_suffix(".json").read_text())
+    assert metadata["parent_id"].startswith("dlib-resnet-v1-")
+    return summary
+
+
+@pytest.mark.slow
+def test_simulation_run_with_a_failing_site(sites, tmp_path):
+    run_dir = tmp_path / "run"
+    config = TrainingConfig(
+        num_rounds=2,
+        site_dirs=(*[str(s) for s in sites], str(tmp_path / "site-that-fails")),
+        batch_size=8,
+        min_sites=3,
+        min_fit_fraction=0.6,
+        run_dir=str(run_dir),
+        round_timeout=240,
+    )
+    process = start_simulation(config, num_sites=3)
+    process.join(timeout=420)
+    if process.is_alive():
+        process.kill()
+        process.join(10)
+        pytest.fail("the simulation did not finish in 420 s")
+    assert process.exitcode == 0, read_progress(run_dir)
+
+    progress = read_progress(run_dir)
+    assert progress.status == "finished"
+    assert progress.round == 2
+    assert set(progress.epsilon) == {s.name for s in sites}
+    _assert_model_changed_and_epsilon(run_dir, sites, rounds=2)
+    _assert_only_shared_arrays_and_metrics(run_dir, {s.name for s in sites})
+    # The third site failed in every round without failing the rounds.
+    errors = [
+        json.loads(line)
+        for line in (run_dir / "messages.jsonl").open()
+        if '"error"' in line
+    ]
+    assert {(e["round"], e["phase"]) for e in errors} >= {(1, "train"), (2, "train")}
+
+
+@pytest.mark.slow
+def test_deployment_engine_one_round(sites, tmp_path):
+    from facefed.server.federated.deployment import CONNECTION, local_federation
+    from facefed.server.federated.runner import start_deployment
+
+    run_dir = tmp_path / "run"
+    config = TrainingConfig(
+        num_rounds=1,
+        batch_size=8,
+        min_sites=2,
+        run_dir=str(run_dir),
+        round_timeout=240,
+    )
+    app_dir = Path(__file__).resolve().parents[2]
+    with local_federation(sites, tmp_path / "federation") as federation:
+        flwr = start_deployment(
+            config,
+            superlink=CONNECTION,
+            app_dir=app_dir,
+            flwr_home=federation.flwr_home,
+        )
+        try:
+            assert flwr.wait(timeout=420) == 0, (run_dir / "flwr-run.log").read_text()
+        finally:
+            if flwr.poll() is None:
+                flwr.kill()
+        deadline = time.monotonic() + 120
+        while (
+            read_progress(run_dir).status == "running" and time.monotonic() < deadline
+        ):
+            time.sleep(1)
+    progress = read_progress(run_dir)
+    assert progress.status == "finished", (run_dir / "flwr-run.log").read_text()[-3000:]
+    _assert_model_changed_and_epsilon(run_dir, sites, rounds=1)
+    _assert_only_shared_arrays_and_metrics(run_dir, {s.name for s in sites})
