@@ -162,13 +162,15 @@ def eval_detect(
     from facefed.core.detection.evaluation import EvaluationData, evaluate_detector
 
     root = _resolve_root(data)
-    specs = _parse_specs(detectors)
     dataset = EvaluationData.load(root)
+    # Build every detector first so a bad name fails before any long run.
+    built = [
+        (spec, create_operating_detector(spec)) for spec in _parse_specs(detectors)
+    ]
     reports = []
     with Progress(transient=True) as progress:
-        for spec in specs:
+        for spec, operating in built:
             task = progress.add_task(f"{spec}", total=dataset.image_count)
-            operating = create_operating_detector(spec)
             reports.append(
                 evaluate_detector(
                     spec,
@@ -229,11 +231,14 @@ def eval_landmarks(
         table.add_column(image.path.name, justify="right")
     table.add_column("mean", justify="right")
     payload: dict[str, object] = {"data_root": str(root)}
+    built = [
+        (spec, create_operating_detector(spec)) for spec in _parse_specs(detectors)
+    ]
     with Progress(transient=True) as progress:
-        for spec in _parse_specs(detectors):
+        for spec, detector in built:
             task = progress.add_task(spec, total=len(images))
             errors, missing = evaluate_landmarks(
-                create_operating_detector(spec),
+                detector,
                 images,
                 [],
                 lambda task=task: progress.advance(task),
