@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 Alignment = Literal["dlib_chip_150", "arcface_112"]
 ChannelOrder = Literal["RGB", "BGR"]
 ALIGNMENTS: tuple[Alignment, ...] = ("dlib_chip_150", "arcface_112")
-METADATA_VERSION = 1
+METADATA_VERSION = 2
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _BATCH = 64
 
@@ -71,6 +71,9 @@ class ModelMetadata:
             (keys such as ``"0.001"``), calibrated on a named protocol.
         threshold_source: Where the thresholds were measured.
         parent_id: Model this one was fine-tuned or exported from, if any.
+        test_time_flip: Embed the mirrored chip too and sum the two outputs
+            before normalising (flip test-time augmentation, as in the LFW
+            evaluations of ArcFace, Deng et al. 2019); twice the compute.
         onnx_file: File name of the ONNX graph beside the metadata.
         onnx_sha256: Hex SHA-256 of the ONNX file, checked on load.
         weights_sha256: Hex SHA-256 of the original weights.
@@ -87,6 +90,7 @@ class ModelMetadata:
     thresholds: dict[str, float] = field(default_factory=dict)
     threshold_source: str = ""
     parent_id: str | None = None
+    test_time_flip: bool = False
     onnx_file: str = ""
     onnx_sha256: str = ""
     weights_sha256: str = ""
@@ -392,14 +396,19 @@ class OnnxEmbedder:
         if len(chips) == 0:
             return np.zeros((0, self._metadata.embedding_size), np.float32)
         outputs = []
+        flip = self._metadata.test_time_flip
         for start in range(0, len(chips), _BATCH):
             batch = self._prepare(chips[start : start + _BATCH])
-            (result,) = self._session.run(None, {self._input_name: batch})[:1]
-            outputs.append(np.asarray(result, np.float32).reshape(len(batch), -1))
+            count = len(batch)
+            if flip:  # mirrored copies run in the same batch
+                batch = np.concatenate([batch, np.ascontiguousarray(batch[..., ::-1])])
+            result = self._session.run(None, {self._input_name: batch})[0]
+            result = np.asarray(result, np.float32).reshape(len(batch), -1)
+            outputs.append(result[:count] + result[count:] if flip else result)
         return l2_normalise(np.concatenate(outputs))
 
     def embed_raw(self, chips: npt.NDArray[np.uint8]) -> FloatArray:
-        """Embed chips without L2 normalisation (for comparison with dlib)."""
+        """One pass of the network, no flip, no normalisation (as dlib computes)."""
         self._validate(chips)
         batch = self._prepare(chips)
         result = self._session.run(None, {self._input_name: batch})[0]

@@ -78,7 +78,9 @@ def dlib_resnet_metadata(
     """Return the metadata of the ONNX export of dlib's ResNet.
 
     The graph normalises pixels itself (dlib's mean colour, divided by 256),
-    so the embedder feeds it RGB 0..255 unchanged.
+    so the embedder feeds it RGB 0..255 unchanged. Flip test-time
+    augmentation is on: on LFW folds 1-7 with YuNet landmarks it raised the
+    7-fold accuracy from 98.88% to 99.24% (see README, embedding section).
     """
     thresholds, source = shipped_thresholds(DLIB_RESNET_PREFIX)
     return ModelMetadata(
@@ -92,6 +94,7 @@ def dlib_resnet_metadata(
         thresholds=thresholds,
         threshold_source=source,
         parent_id=None,
+        test_time_flip=True,
         onnx_file=onnx_file,
         onnx_sha256=onnx_sha256,
         weights_sha256=weights_sha256,

@@ -257,7 +257,9 @@ class ImageEmbedder:
         results: dict[Path, ImageEmbedding] = {}
         missed: list[_Missed] = []
         todo: list[tuple[str, Path]] = []
-        model_id = self.embedder.metadata.model_id
+        meta = self.embedder.metadata
+        # Flip augmentation changes the embeddings: it is part of the key.
+        model_id = meta.model_id + ("+flip" if meta.test_time_flip else "")
         for path in paths:
             key = EmbeddingCache.key(path, model_id, self.detector_name)
             cached = self.cache.get(key) if self.cache else None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from facefed.core.embedding import (
+    METADATA_VERSION,
     Embedder,
     OnnxEmbedder,
     file_sha256,
@@ -57,8 +58,11 @@ def _cached_is_valid(onnx_path: Path, json_path: Path, model_id: str) -> bool:
         metadata = load_metadata(json_path)
     except ModelError:
         return False
+    # Metadata written by an older facefed is replaced (the export is redone).
     return (
-        metadata.model_id == model_id and file_sha256(onnx_path) == metadata.onnx_sha256
+        metadata.model_id == model_id
+        and metadata.version == METADATA_VERSION
+        and file_sha256(onnx_path) == metadata.onnx_sha256
     )
 
 

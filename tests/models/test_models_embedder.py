@@ -199,3 +199,15 @@ def test_unknown_model_id_names_the_known_ones():
     ensure_dlib_resnet_onnx()
     with pytest.raises(NotFoundError, match=r"known: .*dlib-resnet-v1-"):
         load_embedder("no-such-model")
+
+
+def test_flip_augmentation_sums_the_mirrored_chip(dlib_reference):
+    chips, _ = dlib_reference
+    embedder = load_default_embedder()
+    assert embedder.metadata.test_time_flip
+    mirrored = np.ascontiguousarray(chips[:, :, ::-1])
+    expected = embedder.embed_raw(chips[:3]) + embedder.embed_raw(mirrored[:3])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(embedder.embed(chips[:3]), expected, atol=1e-5)
+    # The mirrored photo gets the same embedding: the sum is symmetric.
+    np.testing.assert_allclose(embedder.embed(mirrored[:3]), expected, atol=1e-5)
