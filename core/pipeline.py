@@ -15,6 +15,7 @@ import numpy as np
 
 from facefed.core.align import align_arcface, align_dlib_chip
 from facefed.core.detection.base import FaceDetector
+from facefed.core.embedding import Embedder
 from facefed.core.errors import ModelError, NoFaceError, QualityError, SpoofError
 from facefed.core.quality import QualityGate
 from facefed.core.types import (
@@ -26,27 +27,6 @@ from facefed.core.types import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class _Metadata(Protocol):
-    @property
-    def alignment(self) -> str: ...
-
-    @property
-    def input_size(self) -> int: ...
-
-
-class Embedder(Protocol):
-    """What the pipeline needs of an embedder (`facefed.core.embedding.Embedder`)."""
-
-    @property
-    def metadata(self) -> _Metadata:
-        """The model's metadata; `alignment` and `input_size` are used."""
-        ...
-
-    def embed(self, chips: np.ndarray) -> FloatArray:
-        """Embed (N, H, W, 3) uint8 RGB chips into (N, d) unit vectors."""
-        ...
 
 
 class LivenessChecker(Protocol):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from facefed.core.errors import (
@@ -213,3 +215,33 @@ def test_bad_limits_are_refused(photo_bytes: bytes) -> None:
 def test_ppm_test_image_decodes(test_data: Path) -> None:
     decoded = decode_image(test_data / "landmarks" / "takeo.ppm")
     assert decoded.ndim == 3 and decoded.shape[2] == 3
+
+
+_REAL_JPEG = (Path(__file__).parents[1] / "data" / PHOTO).read_bytes()
+_SMALL = Image.open(io.BytesIO(_REAL_JPEG)).resize((64, 64))
+_REAL_IMAGES = [_REAL_JPEG] + [_encode(_SMALL, fmt) for fmt in ("PNG", "WEBP", "BMP")]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    base=st.sampled_from(_REAL_IMAGES),
+    edits=st.lists(
+        st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
+        min_size=1,
+        max_size=12,
+    ),
+    cut=st.floats(0.05, 1.0),
+)
+def test_damaged_real_images_never_crash(
+    base: bytes, edits: list[tuple[float, int]], cut: float
+) -> None:
+    # Flip bytes of a real photo (header included) and cut it short: the
+    # result decodes to a valid array or raises one of facefed's image errors.
+    data = bytearray(base[: max(1, int(len(base) * cut))])
+    for where, value in edits:
+        data[int(where * len(data))] = value
+    try:
+        decoded = decode_image(bytes(data))
+    except ImageError:
+        return
+    assert decoded.dtype == np.uint8 and decoded.ndim == 3 and decoded.shape[2] == 3
