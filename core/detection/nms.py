@@ -21,6 +21,8 @@ Float64Array = npt.NDArray[np.float64]
 
 SoftNmsMethod = Literal["linear", "gaussian"]
 SOFT_NMS_METHODS: tuple[SoftNmsMethod, ...] = ("linear", "gaussian")
+OverlapMeasure = Literal["iou", "min"]
+OVERLAP_MEASURES: tuple[OverlapMeasure, ...] = ("iou", "min")
 
 
 class NmsInputError(ConfigurationError):
@@ -62,15 +64,19 @@ def _check_fraction(name: str, value: float) -> None:
         raise NmsInputError(f"{name} must be a number in [0, 1]; got {value!r}.")
 
 
-def iou_one_to_many(box: Float64Array, others: Float64Array) -> Float64Array:
-    """Intersection over union of one box with each of several boxes.
+def iou_one_to_many(
+    box: Float64Array, others: Float64Array, *, overlap: OverlapMeasure = "iou"
+) -> Float64Array:
+    """Overlap of one box with each of several boxes.
 
     Args:
         box: (4,) x1, y1, x2, y2.
         others: (M, 4) boxes in the same format.
+        overlap: "iou" (intersection over union) or "min" (intersection over
+            the smaller area, which flags a box nested inside another).
 
     Returns:
-        (M,) IoU values in [0, 1]; 0 where both boxes have zero area.
+        (M,) overlaps in [0, 1]; 0 where the denominator is zero.
     """
     inter_w = np.clip(
         np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None
@@ -82,8 +88,11 @@ def iou_one_to_many(box: Float64Array, others: Float64Array) -> Float64Array:
     area = (box[2] - box[0]) * (box[3] - box[1])
     areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
     union = area + areas - inter
-    # Two degenerate boxes have no overlap to speak of: define their IoU as 0.
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    denominator = np.minimum(area, areas) if overlap == "min" else union
+    # Degenerate boxes have no overlap to speak of: define it as 0.
+    return np.divide(
+        inter, denominator, out=np.zeros_like(inter), where=denominator > 0
+    )
 
 
 def iou_matrix(boxes_a: npt.ArrayLike, boxes_b: npt.ArrayLike) -> Float64Array:
@@ -118,18 +127,24 @@ def iou_matrix(boxes_a: npt.ArrayLike, boxes_b: npt.ArrayLike) -> Float64Array:
 
 
 def hard_nms(
-    boxes: npt.ArrayLike, scores: npt.ArrayLike, *, iou_threshold: float
+    boxes: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    *,
+    iou_threshold: float,
+    overlap: OverlapMeasure = "iou",
 ) -> IntArray:
     """Greedy non-maximum suppression.
 
     Repeatedly keeps the highest-scoring box left and drops every remaining box
-    whose IoU with it is strictly greater than ``iou_threshold``. Equal scores
-    are taken in input order.
+    whose overlap with it is strictly greater than ``iou_threshold``. Equal
+    scores are taken in input order.
 
     Args:
         boxes: (N, 4) boxes as x1, y1, x2, y2.
         scores: (N,) confidences.
         iou_threshold: Overlap above which a lower-scoring box is suppressed.
+        overlap: "iou", or "min" for intersection over the smaller box, as
+            MTCNN's last stage uses (Zhang et al., 2016).
 
     Returns:
         Indices into ``boxes`` of the kept boxes, by descending score.
@@ -138,6 +153,11 @@ def hard_nms(
         NmsInputError: If the shapes, values or threshold are invalid.
     """
     _check_fraction("iou_threshold", iou_threshold)
+    if overlap not in OVERLAP_MEASURES:
+        raise NmsInputError(
+            f"Unknown overlap measure {overlap!r}; choose one of "
+            f"{', '.join(OVERLAP_MEASURES)}."
+        )
     box_array, score_array = _validated(boxes, scores)
     order = np.argsort(-score_array, kind="stable")
     kept: list[int] = []
@@ -145,7 +165,7 @@ def hard_nms(
         best = int(order[0])
         kept.append(best)
         rest = order[1:]
-        overlaps = iou_one_to_many(box_array[best], box_array[rest])
+        overlaps = iou_one_to_many(box_array[best], box_array[rest], overlap=overlap)
         order = rest[overlaps <= iou_threshold]
     return np.asarray(kept, dtype=np.int64)
 

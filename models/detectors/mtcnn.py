@@ -154,12 +154,10 @@ class MtcnnConfig:
         min_face_size: Smallest face searched for, in pixels.
         scale_factor: Ratio between consecutive pyramid levels.
         thresholds: Face probability kept after P-Net, R-Net and O-Net.
-        nms_iou: IoU of the suppression within a scale, across scales,
-            after R-Net and after O-Net.
-
-    FIXME: the reference implementation suppresses O-Net's boxes by
-    intersection over the smaller box; here every stage uses IoU, so a small
-    box nested in a larger one can survive (seen as extra tiny detections).
+        nms_iou: Overlap thresholds of the suppression within a scale, across
+            scales, after R-Net (IoU) and after O-Net (intersection over the
+            smaller box, as in the paper's code, so a box nested in a face
+            is suppressed).
     """
 
     min_face_size: int = 20
@@ -349,7 +347,9 @@ class MtcnnDetector:
         points = np.stack([marks_np[:, :5], marks_np[:, 5:]], axis=2)
         points = boxes[:, None, :2] + points * sizes[:, None, :]
         boxes = calibrate(boxes, offsets.numpy()[keep])
-        kept = hard_nms(boxes, scores, iou_threshold=self.config.nms_iou[3])
+        kept = hard_nms(
+            boxes, scores, iou_threshold=self.config.nms_iou[3], overlap="min"
+        )
         return faces_from_arrays(boxes[kept], scores[kept], points[kept])
 
 

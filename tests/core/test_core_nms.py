@@ -18,11 +18,18 @@ def ref_iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def ref_hard(boxes, scores, thr):
+def ref_min_overlap(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / smaller if smaller > 0 else 0.0
+
+
+def ref_hard(boxes, scores, thr, measure=ref_iou):
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     kept = []
     for i in order:
-        if all(ref_iou(boxes[i], boxes[k]) <= thr for k in kept):
+        if all(measure(boxes[i], boxes[k]) <= thr for k in kept):
             kept.append(i)
     return kept
 
@@ -74,6 +81,26 @@ def test_hard_nms_matches_reference(data, thr):
     kept = hard_nms(np.array(boxes).reshape(-1, 4), np.array(scores), iou_threshold=thr)
     assert kept.tolist() == ref_hard(boxes, scores, thr)
     assert kept.dtype == np.int64
+
+
+@settings(max_examples=200, deadline=None)
+@given(box_sets(), st.floats(0.0, 1.0))
+def test_min_overlap_nms_matches_reference(data, thr):
+    boxes, scores = data
+    kept = hard_nms(
+        np.array(boxes).reshape(-1, 4),
+        np.array(scores),
+        iou_threshold=thr,
+        overlap="min",
+    )
+    assert kept.tolist() == ref_hard(boxes, scores, thr, ref_min_overlap)
+
+
+def test_min_overlap_suppresses_a_nested_box():
+    boxes = [[0, 0, 100, 100], [10, 10, 30, 30]]
+    # IoU is only 0.04, but the small box lies wholly inside the large one.
+    assert hard_nms(boxes, [0.9, 0.8], iou_threshold=0.7).tolist() == [0, 1]
+    assert hard_nms(boxes, [0.9, 0.8], iou_threshold=0.7, overlap="min").tolist() == [0]
 
 
 @settings(max_examples=300, deadline=None)
@@ -158,5 +185,7 @@ def test_bad_parameters_are_refused():
         hard_nms([[0, 0, 1, 1]], [1.0], iou_threshold=1.5)
     with pytest.raises(NmsInputError, match="linear, gaussian"):
         soft_nms([[0, 0, 1, 1]], [1.0], method="box")  # type: ignore[arg-type]
+    with pytest.raises(NmsInputError, match="iou, min"):
+        hard_nms([[0, 0, 1, 1]], [1.0], iou_threshold=0.5, overlap="union")  # type: ignore[arg-type]
     with pytest.raises(NmsInputError, match="sigma"):
         soft_nms([[0, 0, 1, 1]], [1.0], method="gaussian", sigma=0)
