@@ -146,6 +146,10 @@ def summarise(scored: Sequence[ScoredSample], threshold: float) -> dict[str, Any
         else math.nan
     )
     return {
+        # BPCER20 and BPCER10 of ISO/IEC 30107-3: the lowest BPCER at a
+        # threshold where the worst species' APCER is at most 5 % / 10 %.
+        "bpcer20": calibrate_threshold(live, attacks, max_apcer=0.05).bpcer,
+        "bpcer10": calibrate_threshold(live, attacks, max_apcer=0.10).bpcer,
         "eer_of_image_area_alone": area_eer,
         "rates": asdict(rates),
         "eer": eer,
@@ -169,6 +173,7 @@ def write_outputs(
     out_dir: Path,
     *,
     threshold: float,
+    root: Path | None = None,
 ) -> dict[str, Path]:
     """Write the JSON report, the per-sample CSV and the DET curve PNG."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,12 +196,19 @@ def write_outputs(
         for name, scored in runs.items():
             for s in scored:
                 handle.write(
-                    f"{name},{s.sample.path},{'live' if s.sample.live else 'spoof'},"
+                    f"{name},{_relative(s.sample.path, root)},"
+                    f"{'live' if s.sample.live else 'spoof'},"
                     f"{s.sample.attack_type},{s.sample.kind},{s.area},{s.score:.4f},"
                     f"{s.cues.get('network', math.nan):.4f},"
                     f"{s.cues.get('texture', math.nan):.4f}\n"
                 )
     return paths
+
+
+def _relative(path: Path, root: Path | None) -> str:
+    if root is not None and path.is_relative_to(root):
+        return str(path.relative_to(root))
+    return str(path)
 
 
 def _jsonable(value: object) -> object:
@@ -276,7 +288,7 @@ def run_evaluation(
         summaries["all"]["calibrated_threshold"] = calibration(
             runs["all"], max_apcer=max_apcer
         )
-    paths = write_outputs(runs, summaries, out_dir, threshold=threshold)
+    paths = write_outputs(runs, summaries, out_dir, threshold=threshold, root=data)
     _print(Console(width=160), summaries, threshold, paths)
     return json.loads(paths["json"].read_text())
 
@@ -320,6 +332,7 @@ def _print(
         "APCER max",
         "BPCER",
         "EER",
+        "BPCER20",
         "corr(score, area) live / spoof",
         "EER of area alone",
         title=f"Silent liveness at threshold {threshold:.3f} (ISO/IEC 30107-3)",
@@ -343,6 +356,7 @@ def _print(
             f"{rates['apcer_max']:.1%}",
             f"{rates['bpcer']:.1%}",
             f"{summary['eer']:.1%}",
+            f"{summary['bpcer20']:.1%}",
             f"{bias['live']:+.2f} / {bias['spoof']:+.2f}",
             f"{summary['eer_of_image_area_alone']:.1%}",
         )
