@@ -279,6 +279,21 @@ def _resolve(model_path: Path) -> Path:
     return path
 
 
+def choose_providers(available: list[str]) -> list[str]:
+    """CUDA first when onnxruntime offers it, with the CPU as the fallback.
+
+    Args:
+        available: `onnxruntime.get_available_providers()`.
+
+    Returns:
+        The providers to ask for, in order of preference.
+    """
+    if _GPU_PROVIDER in available:
+        return [_GPU_PROVIDER, "CPUExecutionProvider"]
+    logger.info("CUDA is not available to onnxruntime; SCRFD runs on the CPU.")
+    return ["CPUExecutionProvider"]
+
+
 def _open_session(path: Path) -> Any:
     import onnxruntime as ort
 
@@ -287,11 +302,7 @@ def _open_session(path: Path) -> Any:
     threads = get_core_settings().threads
     if threads:
         options.intra_op_num_threads = threads
-    if _GPU_PROVIDER in ort.get_available_providers():
-        providers = [_GPU_PROVIDER, "CPUExecutionProvider"]
-    else:
-        logger.info("CUDA is not available to onnxruntime; SCRFD runs on the CPU.")
-        providers = ["CPUExecutionProvider"]
+    providers = choose_providers(ort.get_available_providers())
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as error:  # onnxruntime raises its own untyped errors

@@ -9,6 +9,7 @@ from facefed.core.detection.registry import create_detector
 from facefed.core.detection.scrfd import (
     ScrfdDetector,
     anchor_centres,
+    choose_providers,
     letterbox,
 )
 from facefed.core.errors import ModelError
@@ -186,3 +187,20 @@ def test_anchor_centres_layout() -> None:
     assert centres.shape == (800, 2)
     assert centres[:4].tolist() == [[0, 0], [0, 0], [32, 0], [32, 0]]
     assert centres[2 * 20].tolist() == [0, 32]
+
+
+def test_cuda_is_preferred_when_available(caplog) -> None:
+    assert choose_providers(
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    ) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with caplog.at_level("INFO", logger="facefed.core.detection.scrfd"):
+        assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert "runs on the CPU" in caplog.text
+
+
+def test_session_uses_what_this_machine_offers(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    detector = ScrfdDetector(_build(tmp_path / "scrfd.onnx", batch_dim=False))
+    expected = choose_providers(ort.get_available_providers())
+    assert detector.providers[0] == expected[0]
