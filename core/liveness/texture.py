@@ -38,10 +38,12 @@ ANALYSIS_SIZE = 64
 class TextureConfig:
     """Centres and widths of the logistic maps from measures to live scores.
 
-    The centres were set by hand between the live and spoof medians of the
-    shared anti-spoofing set (`facefed eval liveness` prints the measures);
-    with one subject and one camera they are a starting point, not a
-    calibration that holds for every camera.
+    The centres were set by hand on the shared anti-spoofing crops: the
+    chroma centre above the live crops' 95th percentile (7.3) and below the
+    replay crops' median (11.2); the moire centre above the live crops' 95th
+    percentile (4.8), so only a clear peak counts. With one subject and one
+    camera they are a starting point, not a calibration for every camera
+    (`facefed eval liveness --bona-fide` shows their effect on other faces).
 
     Attributes:
         chroma_centre: Chroma spread (YCrCb units) at which the score is 0.5.
