@@ -10,7 +10,6 @@ inner-lip aspect ratio for an open mouth, and the head yaw from `cv2.solvePnP`
 for turns. "Left" and "right" are the subject's own, for an unmirrored camera.
 """
 
-import base64
 import fcntl
 import hashlib
 import hmac
@@ -21,7 +20,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,7 +59,7 @@ class Challenge:
     """A signed challenge.
 
     Attributes:
-        nonce: Random single-use identifier (URL-safe base64 of 16 bytes).
+        nonce: Random single-use identifier (`secrets.token_urlsafe(16)`).
         actions: The actions to perform, in order.
         issued_at: Unix time of issue.
         expires_at: Unix time after which the challenge is refused.
@@ -239,18 +238,16 @@ class ChallengeIssuer:
         if count not in (2, 3):
             raise ConfigurationError(f"A challenge has 2 or 3 actions, got {count}.")
         actions = tuple(draw.sample(list(Action), count))
-        now = self._clock()
+        # Times are kept to the millisecond the wire format carries, so a
+        # challenge read back from JSON equals the one issued.
+        now = round(self._clock(), 3)
         unsigned = Challenge(
-            nonce=base64.urlsafe_b64encode(secrets.token_bytes(16))
-            .decode()
-            .rstrip("="),
+            nonce=secrets.token_urlsafe(16),
             actions=actions,
             issued_at=now,
-            expires_at=now + self.ttl_s,
+            expires_at=round(now + self.ttl_s, 3),
         )
-        challenge = Challenge(
-            **{**unsigned.__dict__, "signature": sign(unsigned, self._key)}
-        )
+        challenge = replace(unsigned, signature=sign(unsigned, self._key))
         logger.info("Issued a liveness challenge of %d actions", count)
         return challenge
 

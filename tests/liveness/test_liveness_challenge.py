@@ -1,6 +1,7 @@
 """Interactive challenge: signing, expiry, replay, order, and actions on real frames."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ KEY = b"0123456789abcdef0123456789abcdef"
 class FakeClock:
     """A settable clock (seconds since the epoch)."""
 
-    def __init__(self, now: float = 1_750_000_000.0) -> None:
+    def __init__(self, now: float = 1_750_000_000.123456) -> None:
         self.now = now
 
     def __call__(self) -> float:
@@ -75,7 +76,7 @@ def test_issued_challenges_are_random_distinct_and_signed(issuer, clock):
     assert all(len(set(c.actions)) == len(c.actions) for c in drawn)
     assert len({c.nonce for c in drawn}) == 30
     assert len({c.actions for c in drawn}) > 5
-    assert all(c.expires_at == clock.now + 60 for c in drawn)
+    assert all(c.expires_at == pytest.approx(clock.now + 60, abs=1e-3) for c in drawn)
     assert all(len(c.signature) == 64 for c in drawn)
 
 
@@ -111,7 +112,7 @@ def _signed(actions, clock) -> Challenge:
         issued_at=clock.now,
         expires_at=clock.now + 60,
     )
-    return Challenge(**{**unsigned.__dict__, "signature": sign(unsigned, KEY)})
+    return replace(unsigned, signature=sign(unsigned, KEY))
 
 
 def test_replayed_challenge_fails(issuer, verifier, action_frames):
