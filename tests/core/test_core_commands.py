@@ -102,3 +102,20 @@ def test_align_writes_chips(
     assert (out / "Ann_Veneman_0001_1.png").is_file()
     for chip in chips:
         assert Image.open(chip).size == (size, size)
+
+
+def test_detect_with_a_user_scrfd_file(
+    app, runner, test_data: Path, tmp_path: Path
+) -> None:
+    from tests.core.test_core_scrfd import _build
+
+    model = _build(tmp_path / "scrfd_const.onnx", batch_dim=False)
+    group, _ = _photos(test_data)
+    result = runner.invoke(
+        app, ["detect", "--json", "-d", f"scrfd:{model}", str(group)]
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["detector"] == "scrfd"
+    scores = [face["score"] for face in payload["images"][0]["faces"]]
+    assert scores == [0.9, 0.7]  # the graph's known anchors, after NMS
