@@ -13,4 +13,5 @@ ROUTER_MODULES: list[str] = [
     "facefed.server.api.receipts",
     "facefed.server.api.encrypted",
     "facefed.server.api.admin",
+    "facefed.server.federated.api",
 ]

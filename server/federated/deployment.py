@@ -8,6 +8,7 @@ disabled: the apps run from the facefed installation in this environment.
 Real sites use the TLS and node-authentication settings of ``deploy/flower/``.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -78,10 +79,8 @@ def _stop(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=grace)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait(timeout=grace)
 
 
@@ -151,7 +150,9 @@ def local_federation(
         **QUIET_FLOWER_ENV,
         "FLWR_HOME": str(flwr_home),
         # The SuperLink and SuperNodes start flower-superexec by name.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": os.pathsep.join(
+            [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+        ),
     }
     # Flower 1.42 serves the Control, Fleet and Runtime APIs on one HTTP port.
     port = free_port()

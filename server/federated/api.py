@@ -1,0 +1,251 @@
+"""Admin HTTP API of federated training: `/v1/training/runs` and `/v1/models`.
+
+Admin role only. A run executes in a child process (`runner.start_simulation`)
+that writes its progress into the run folder; each read of a run copies that
+progress into the ``training_runs`` row (and, once finished, the published
+version into ``model_versions``), so the database always shows what the
+child last wrote.
+"""
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel, Field
+
+from facefed.core.errors import ConfigurationError, NotFoundError
+from facefed.server.api.deps import Admin, Service
+from facefed.server.db import ModelVersion as ModelVersionRow
+from facefed.server.db import TrainingRun, session_scope, utcnow
+
+router = APIRouter(tags=["training"])
+
+
+class TrainingRunCreate(BaseModel):
+    """A training run to start on the simulation engine."""
+
+    sites: Annotated[list[str], Field(min_length=1, max_length=64)]
+    rounds: Annotated[int, Field(ge=1, le=1000)] = 5
+    target_epsilon: Annotated[float, Field(gt=0, le=100)] = 8.0
+    target_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    trainable_blocks: Annotated[int, Field(ge=1, le=6)] = 2
+    compat: Literal["none", "l2"] = "none"
+    parent_model: str = ""
+
+
+class TrainingRunPublic(BaseModel):
+    """A training run and its latest progress."""
+
+    id: str
+    status: str
+    rounds: int
+    current_round: int
+    epsilon: dict[str, Any]
+    metrics: dict[str, Any]
+    model_version_id: str | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class ModelVersionPublic(BaseModel):
+    """A published model version."""
+
+    id: str
+    name: str
+    parent_id: str | None
+    status: str
+    created_at: datetime
+    metadata: dict[str, Any]
+
+
+class PromotionCreate(BaseModel):
+    """Promote a version to serve a collection."""
+
+    collection: Annotated[str, Field(min_length=1, max_length=64)]
+    force_new_gallery: bool = False
+
+
+def _public(row: TrainingRun) -> TrainingRunPublic:
+    return TrainingRunPublic(
+        id=row.id,
+        status=row.status,
+        rounds=row.rounds,
+        current_round=row.current_round,
+        epsilon=row.epsilon,
+        metrics=row.metrics,
+        model_version_id=row.model_version_id,
+        error=row.error,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _sync(service: Service, run_id: str) -> TrainingRunPublic:
+    from facefed.server.federated.runs import run_info
+
+    progress = run_info(run_id).progress
+    with session_scope(service.sessions) as session:
+        row = session.get(TrainingRun, run_id)
+        if row is None:
+            raise NotFoundError(f"No training run {run_id!r}.")
+        if row.status == "running":
+            row.status = progress.status
+            row.current_round = progress.round
+            row.epsilon = dict(progress.epsilon)
+            row.metrics = dict(progress.metrics)
+            row.error = progress.error
+            row.updated_at = utcnow()
+            if progress.status != "running":
+                row.finished_at = utcnow()
+            if progress.model_dir:
+                row.model_version_id = _record_version(
+                    session, Path(progress.model_dir)
+                )
+        return _public(row)
+
+
+def _record_version(session: Any, model_dir: Path) -> str:
+    import json
+
+    summary = json.loads((model_dir / "training.json").read_text())
+    model_id = str(summary["model_id"])
+    if session.get(ModelVersionRow, model_id) is None:
+        onnx = next(model_dir.glob(f"{model_id}.onnx"), None)
+        session.add(
+            ModelVersionRow(
+                id=model_id,
+                name=f"federated fine-tune of {summary['parent_model']}",
+                parent_id=str(summary["parent_model"]),
+                created_at=utcnow(),
+                status="published",
+                metadata_={
+                    k: summary[k]
+                    for k in ("rounds", "sites", "epsilon", "delta", "compatibility")
+                },
+                onnx_path=str(onnx) if onnx else None,
+                weights_path=str(model_dir / "weights.pt"),
+            )
+        )
+    return model_id
+
+
+@router.post(
+    "/training/runs",
+    response_model=TrainingRunPublic,
+    status_code=status.HTTP_201_CREATED,
+)
+def start_run(
+    body: TrainingRunCreate, service: Service, caller: Admin
+) -> TrainingRunPublic:
+    """Start a federated training run on the simulation engine."""
+    from facefed.client.federated.config import TrainingConfig
+    from facefed.server.federated.runner import start_simulation
+    from facefed.server.federated.runs import new_run_id, runs_dir
+
+    for folder in body.sites:
+        if not Path(folder).is_dir():
+            raise ConfigurationError(f"The site folder {folder} does not exist.")
+    run_id = new_run_id()
+    config = TrainingConfig(
+        num_rounds=body.rounds,
+        site_dirs=tuple(str(Path(p).resolve()) for p in body.sites),
+        target_epsilon=body.target_epsilon,
+        target_delta=body.target_delta,
+        trainable_blocks=body.trainable_blocks,
+        compat=body.compat,
+        parent_model=body.parent_model,
+        min_sites=len(body.sites),
+        run_dir=str(runs_dir() / run_id),
+    )
+    now = utcnow()
+    with session_scope(service.sessions) as session:
+        session.add(
+            TrainingRun(
+                id=run_id,
+                status="running",
+                config=config.to_flower(),
+                rounds=config.num_rounds,
+                current_round=0,
+                metrics={},
+                epsilon={},
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    start_simulation(config, num_sites=len(body.sites))
+    return _sync(service, run_id)
+
+
+@router.get("/training/runs", response_model=list[TrainingRunPublic])
+def list_runs(service: Service, caller: Admin) -> list[TrainingRunPublic]:
+    """Every training run, newest first, with its latest progress."""
+    from sqlalchemy import select
+
+    with session_scope(service.sessions) as session:
+        ids = list(
+            session.scalars(select(TrainingRun.id).order_by(TrainingRun.id.desc()))
+        )
+    return [_sync(service, run_id) for run_id in ids]
+
+
+@router.get("/training/runs/{run_id}", response_model=TrainingRunPublic)
+def get_run(run_id: str, service: Service, caller: Admin) -> TrainingRunPublic:
+    """One run: round, epsilon per site, held-out metrics per site."""
+    return _sync(service, run_id)
+
+
+@router.post("/training/runs/{run_id}/cancel", response_model=TrainingRunPublic)
+def cancel_run(run_id: str, service: Service, caller: Admin) -> TrainingRunPublic:
+    """Cancel a running run."""
+    from facefed.server.federated.runs import cancel_run as cancel
+
+    cancel(run_id)
+    return _sync(service, run_id)
+
+
+@router.get("/models", response_model=list[ModelVersionPublic])
+def list_models(service: Service, caller: Admin) -> list[ModelVersionPublic]:
+    """Published model versions."""
+    from sqlalchemy import select
+
+    with session_scope(service.sessions) as session:
+        rows = list(session.scalars(select(ModelVersionRow)))
+        return [
+            ModelVersionPublic(
+                id=r.id,
+                name=r.name,
+                parent_id=r.parent_id,
+                status=r.status,
+                created_at=r.created_at,
+                metadata=r.metadata_,
+            )
+            for r in rows
+        ]
+
+
+@router.post("/models/{model_id}/promote", response_model=ModelVersionPublic)
+def promote_model(
+    model_id: str, body: PromotionCreate, service: Service, caller: Admin
+) -> ModelVersionPublic:
+    """Promote a version to serve a collection (refused if incompatible)."""
+    from facefed.server.federated.runs import promote
+
+    promote(model_id, body.collection, force_new_gallery=body.force_new_gallery)
+    with session_scope(service.sessions) as session:
+        row = session.get(ModelVersionRow, model_id)
+        if row is None:
+            raise NotFoundError(f"No published model version {model_id!r}.")
+        row.status = "promoted"
+        row.metadata_ = {**row.metadata_, "collection": body.collection}
+        return ModelVersionPublic(
+            id=row.id,
+            name=row.name,
+            parent_id=row.parent_id,
+            status=row.status,
+            created_at=row.created_at,
+            metadata=row.metadata_,
+        )
