@@ -120,6 +120,7 @@ class DemoContext:
     admin_key: str = field(default="", repr=False)
     sites: list[DemoSite] = field(default_factory=list)
     strangers: list[Person] = field(default_factory=list)
+    heldout: list[Person] = field(default_factory=list)
     pipeline: Any = None
     results: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -235,6 +236,9 @@ def prepare_folder(ctx: DemoContext) -> None:
     # each is tried once.
     others = [strangers[i] for i in ctx.rng.permutation(len(strangers))]
     ctx.strangers = chosen[2 * per_site :][:8] + others[:12]
+    # Held-out evaluation people of the training run: never enrolled, never
+    # trained on; up to 8 per site.
+    ctx.heldout = chosen[2 * per_site :][:16]
     if ctx.config.fast:
         ctx.strangers = ctx.strangers[:6]
     _fill_training_folders(ctx)
@@ -516,7 +520,9 @@ def write_report(ctx: DemoContext) -> None:
     out = ctx.config.output
     before = ctx.results.get("before", {})
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    bins = [float(edge) for edge in np.linspace(-0.2, 1.0, 37)]
+    scores = before.get("genuine_scores", []) + before.get("impostor_scores", [])
+    low = min([s for s in scores if np.isfinite(s)], default=0.0) - 0.02
+    bins = [float(edge) for edge in np.linspace(low, 1.0, 41)]
     axis.hist(before.get("genuine_scores", []), bins=bins, alpha=0.6, label="enrolled")
     axis.hist(
         before.get("impostor_scores", []), bins=bins, alpha=0.6, label="never enrolled"
@@ -650,7 +656,7 @@ def _fill_training_folders(ctx: DemoContext) -> None:
     enrolled, split between the sites; each site's pairs are every genuine
     pair of its held-out people and as many impostor pairs.
     """
-    heldout_people = [p for p in ctx.strangers if len(p.photos) >= 3]
+    heldout_people = ctx.heldout
     for index, site in enumerate(ctx.sites):
         root = _training_dir(ctx, site)
         for person in site.people:
@@ -658,7 +664,7 @@ def _fill_training_folders(ctx: DemoContext) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             for photo in person.photos:
                 shutil.copy2(photo, folder / photo.name)
-        mine = heldout_people[index::2][:4]
+        mine = heldout_people[index::2][:8]
         if len(mine) < 2:
             raise DemoError("Too few never-enrolled people for held-out pairs.")
         heldout = root / "_heldout"
