@@ -56,6 +56,9 @@ def eval_privacy(
     he_gallery: Annotated[
         int, typer.Option(min=10, help="Gallery size of the encrypted-matching check.")
     ] = 1000,
+    he_probes: Annotated[
+        int, typer.Option(min=1, help="Probes of the encrypted-matching check.")
+    ] = 20,
 ) -> None:
     """Accuracy, unlinkability and inversion of protected templates on LFW pairs.
 
@@ -79,7 +82,9 @@ def eval_privacy(
     reports = evaluate_schemes(pair_set, keys=keys, plot_dir=output)
     raw_threshold = reports[0].threshold
     attack = inversion_attack(pair_set, keys["biohash-v1"][0], threshold=raw_threshold)
-    encrypted = _encrypted_check(pair_set, keys["orthonormal-v1"][0], he_gallery)
+    encrypted = _encrypted_check(
+        pair_set, keys["orthonormal-v1"][0], gallery_size=he_gallery, probes=he_probes
+    )
     report: dict[str, Any] = {
         "pairs": len(pair_set.same),
         "images_without_detected_face": undetected,
@@ -172,22 +177,24 @@ def _embed_pairs(pairs: list[Any], root: Path, console: Any) -> Any:
     return pair_set, undetected
 
 
-def _encrypted_check(pairs: Any, key: Any, gallery_size: int) -> dict[str, Any]:
+def _encrypted_check(
+    pairs: Any, key: Any, *, gallery_size: int, probes: int
+) -> dict[str, Any]:
     """Encrypted 1:N on the pairs' images against plaintext search."""
     from facefed.privacy.he import ServerHEScorer, SiteHEContext
     from facefed.privacy.protection import protect
 
     mated = np.flatnonzero(pairs.same == 1)
-    probes_index = mated[:20]
+    probes_index = mated[:probes]
     gallery = np.concatenate([pairs.first[mated], pairs.first[pairs.same == 0]])
     # LFW reuses images across pairs: identical rows would tie for rank 1.
     _, first_rows = np.unique(gallery, axis=0, return_index=True)
     gallery = protect(gallery[np.sort(first_rows)][:gallery_size], key)
-    probes = protect(pairs.second[probes_index], key)
+    probe_templates = protect(pairs.second[probes_index], key)
     site = SiteHEContext.create(galois_keys=False)
     scorer = ServerHEScorer(site.public_bytes())
     worst, same_rank1, seconds = 0.0, 0, []
-    for probe in probes:
+    for probe in probe_templates:
         encrypted = site.encrypt_probe(probe)
         started = time.perf_counter()
         result = scorer.score_many(encrypted, gallery)
@@ -198,9 +205,9 @@ def _encrypted_check(pairs: Any, key: Any, gallery_size: int) -> dict[str, Any]:
         same_rank1 += int(np.argmax(scores) == np.argmax(plain))
     return {
         "gallery": len(gallery),
-        "probes": len(probes),
+        "probes": len(probe_templates),
         "max_abs_score_error": worst,
-        "rank1_identical": f"{same_rank1}/{len(probes)}",
+        "rank1_identical": f"{same_rank1}/{len(probe_templates)}",
         "median_score_many_s": float(np.median(seconds)),
     }
 
