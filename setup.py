@@ -32,5 +32,11 @@ packages, package_dir = _packages()
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={name: list(DATA_SUFFIXES) for name in packages},
+    # "**/" also ships files in data folders that are not packages themselves.
+    package_data={
+        name: [
+            pattern for suffix in DATA_SUFFIXES for pattern in (suffix, f"**/{suffix}")
+        ]
+        for name in packages
+    },
 )
