@@ -107,3 +107,21 @@ def test_site_context_survives_a_round_trip(site, lfw):
         site.encrypt_probe(templates[2], layout="packed"), templates[2]
     )
     assert again.decrypt_scores(data, 1)[0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_size_limits_refuse_before_parsing(site, lfw, monkeypatch):
+    from facefed.privacy import he
+
+    templates, _ = lfw
+    scorer = ServerHEScorer(site.public_bytes())
+    encrypted = site.encrypt_probe(templates[0], layout="packed")
+    monkeypatch.setattr(he, "MAX_PROBE_BYTES", len(encrypted) - 1)
+    with pytest.raises(HEError, match="exceeds the limit"):
+        scorer.score_one(encrypted, templates[0])
+    monkeypatch.setattr(he, "MAX_CONTEXT_BYTES", 1000)
+    with pytest.raises(HEError, match="exceeds the limit"):
+        ServerHEScorer(site.public_bytes())
+    with pytest.raises(HEError, match="row indices"):
+        he._check_candidates(np.array([0.5]), 10)
+    with pytest.raises(HEError, match="outside the gallery"):
+        he._check_candidates(np.array([10]), 10)
