@@ -22,6 +22,7 @@ subject id turns template hits into subject candidates.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterable
@@ -75,6 +76,7 @@ def _hamming_score(distance: float, bits: int) -> float:
     return float(np.cos(np.pi * distance / bits))
 
 
+@functools.lru_cache(maxsize=1)
 def _gpu_count() -> int:
     import faiss
 
@@ -86,6 +88,15 @@ def _gpu_count() -> int:
 class _Entries:
     subject_of: dict[int, str] = field(default_factory=dict)
     templates_of: dict[str, set[int]] = field(default_factory=dict)
+    # Most templates any subject has held; kept up to date on add (an upper
+    # bound after removals), so a search never scans every subject.
+    most_per_subject: int = 1
+
+    def add(self, subject_id: str, template_id: int) -> None:
+        self.subject_of[template_id] = subject_id
+        held = self.templates_of.setdefault(subject_id, set())
+        held.add(template_id)
+        self.most_per_subject = max(self.most_per_subject, len(held))
 
 
 class CollectionIndex:
@@ -159,8 +170,7 @@ class CollectionIndex:
             vectors = self._check(vectors, len(ids))
             self._index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
             for template_id in ids:
-                self._entries.subject_of[template_id] = subject_id
-            self._entries.templates_of.setdefault(subject_id, set()).update(ids)
+                self._entries.add(subject_id, template_id)
             self._gpu_dirty = True
             if (
                 self.kind == "float"
@@ -202,10 +212,7 @@ class CollectionIndex:
                 self._is_ivf = True
             self._index.add_with_ids(matrix, np.asarray(ids, dtype=np.int64))
             for subject_id, template_id in zip(subjects, ids, strict=True):
-                self._entries.subject_of[template_id] = subject_id
-                self._entries.templates_of.setdefault(subject_id, set()).add(
-                    template_id
-                )
+                self._entries.add(subject_id, template_id)
 
     def _switch_to_ivf(self) -> None:
         ids = np.fromiter(self._entries.subject_of.keys(), dtype=np.int64)
@@ -232,10 +239,7 @@ class CollectionIndex:
             probe = self._check(probe.reshape(1, -1), 1)
             # A subject may hold several templates: ask for more template hits
             # than subjects wanted, then keep each subject's best one.
-            per_subject = max(
-                (len(t) for t in self._entries.templates_of.values()), default=1
-            )
-            k = min(self.size, top_k * per_subject)
+            k = min(self.size, top_k * self._entries.most_per_subject)
             scores, ids = self._searcher().search(probe, k)
             return self._to_hits(scores[0], ids[0], top_k)
 
