@@ -2,14 +2,18 @@
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from facefed.core.detection.base import make_face, sort_by_score
-from facefed.core.errors import ModelError
+from facefed.core.errors import ConfigurationError, ModelError
 from facefed.core.settings import get_core_settings
 from facefed.core.types import Face
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +32,33 @@ def apply_thread_setting() -> None:
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
         logger.debug("torch uses %d threads (FACEFED_THREADS)", threads)
+
+
+def select_device(preferred: str | None = None) -> "torch.device":
+    """The torch device a detector runs on: CUDA when torch sees a GPU, else CPU.
+
+    Args:
+        preferred: "cpu" or "cuda" to force one; None picks automatically.
+
+    Raises:
+        ConfigurationError: If ``preferred`` is another value, or "cuda" is
+            asked for without a GPU.
+    """
+    import torch
+
+    if preferred not in (None, "cpu", "cuda"):
+        raise ConfigurationError(
+            f"device must be 'cpu', 'cuda' or None; got {preferred!r}."
+        )
+    if preferred == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError("device='cuda' was asked for but torch sees no GPU.")
+    if preferred == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if preferred is None:
+        logger.info("No CUDA GPU visible to torch; detector networks run on the CPU.")
+    return torch.device("cpu")
 
 
 def load_state_dict(path: Path) -> dict[str, object]:

@@ -30,6 +30,7 @@ from facefed.models.detectors.common import (
     apply_thread_setting,
     faces_from_arrays,
     load_state_dict,
+    select_device,
 )
 
 logger = logging.getLogger(__name__)
@@ -258,17 +259,26 @@ class MtcnnDetector:
     name = "mtcnn"
 
     def __init__(
-        self, config: MtcnnConfig | None = None, *, weights: Path = DEFAULT_WEIGHTS_DIR
+        self,
+        config: MtcnnConfig | None = None,
+        *,
+        weights: Path = DEFAULT_WEIGHTS_DIR,
+        device: str | None = None,
     ) -> None:
         """Load the three networks.
 
         Args:
             config: Cascade settings; defaults as in ``MtcnnConfig``.
             weights: Folder holding ``pnet.pt``, ``rnet.pt`` and ``onet.pt``.
+            device: "cpu" or "cuda"; None uses a GPU when torch sees one.
         """
         self.config = config or MtcnnConfig()
         apply_thread_setting()
-        self.pnet, self.rnet, self.onet = load_mtcnn(weights)
+        self.device = select_device(device)
+        pnet, rnet, onet = load_mtcnn(weights)
+        self.pnet = pnet.to(self.device)
+        self.rnet = rnet.to(self.device)
+        self.onet = onet.to(self.device)
 
     def detect(self, image: ImageArray) -> list[Face]:
         """Detect faces in an RGB uint8 image.
@@ -288,6 +298,10 @@ class MtcnnDetector:
                 return self._output(image, boxes)
         return []
 
+    def _tensor(self, array: FloatArray) -> torch.Tensor:
+        """A float32 batch on the detector's device."""
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
     def _propose(self, image: ImageArray) -> tuple[FloatArray, FloatArray]:
         """Stage 1: P-Net over the pyramid, NMS per scale then across scales."""
         height, width = image.shape[:2]
@@ -301,8 +315,8 @@ class MtcnnDetector:
         ):
             size = (int(np.ceil(width * scale)), int(np.ceil(height * scale)))
             level = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-            probs, offsets = self.pnet(torch.from_numpy(_normalise(level))[None])
-            face = probs[0, 1].numpy()
+            probs, offsets = self.pnet(self._tensor(_normalise(level)[None]))
+            face = probs[0, 1].cpu().numpy()
             rows, cols = np.nonzero(face >= config.thresholds[0])
             if rows.size == 0:
                 continue
@@ -311,7 +325,7 @@ class MtcnnDetector:
             boxes = np.concatenate([corners, corners + PNET_CELL], axis=1) / scale
             scores = face[rows, cols]
             kept = hard_nms(boxes, scores, iou_threshold=config.nms_iou[0])
-            level_offsets = offsets[0].numpy()[:, rows, cols].T
+            level_offsets = offsets[0].cpu().numpy()[:, rows, cols].T
             found_boxes.append(calibrate(boxes[kept], level_offsets[kept]))
             found_scores.append(scores[kept])
         if not found_boxes:
@@ -325,28 +339,26 @@ class MtcnnDetector:
         self, image: ImageArray, boxes: FloatArray
     ) -> tuple[FloatArray, FloatArray]:
         """Stage 2: R-Net re-scores and calibrates 24x24 crops."""
-        probs, offsets = self.rnet(torch.from_numpy(crop_patches(image, boxes, 24)))
-        scores = probs[:, 1].numpy()
+        probs, offsets = self.rnet(self._tensor(crop_patches(image, boxes, 24)))
+        scores = probs[:, 1].cpu().numpy()
         keep = scores >= self.config.thresholds[1]
-        boxes = calibrate(boxes[keep], offsets.numpy()[keep])
+        boxes = calibrate(boxes[keep], offsets.cpu().numpy()[keep])
         scores = scores[keep]
         kept = hard_nms(boxes, scores, iou_threshold=self.config.nms_iou[2])
         return square(boxes[kept]), scores[kept]
 
     def _output(self, image: ImageArray, boxes: FloatArray) -> list[Face]:
         """Stage 3: O-Net scores, calibrates and places the landmarks."""
-        probs, offsets, marks = self.onet(
-            torch.from_numpy(crop_patches(image, boxes, 48))
-        )
-        scores = probs[:, 1].numpy()
+        probs, offsets, marks = self.onet(self._tensor(crop_patches(image, boxes, 48)))
+        scores = probs[:, 1].cpu().numpy()
         keep = scores >= self.config.thresholds[2]
-        boxes, scores, marks_np = boxes[keep], scores[keep], marks.numpy()[keep]
+        boxes, scores, marks_np = boxes[keep], scores[keep], marks.cpu().numpy()[keep]
         # O-Net gives the five x fractions then the five y fractions of the
         # square input box, left to right in the image: facefed's order.
         sizes = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1)
         points = np.stack([marks_np[:, :5], marks_np[:, 5:]], axis=2)
         points = boxes[:, None, :2] + points * sizes[:, None, :]
-        boxes = calibrate(boxes, offsets.numpy()[keep])
+        boxes = calibrate(boxes, offsets.cpu().numpy()[keep])
         kept = hard_nms(
             boxes, scores, iou_threshold=self.config.nms_iou[3], overlap="min"
         )

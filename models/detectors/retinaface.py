@@ -30,6 +30,7 @@ from facefed.models.detectors.common import (
     apply_thread_setting,
     faces_from_arrays,
     load_state_dict,
+    select_device,
 )
 
 logger = logging.getLogger(__name__)
@@ -338,16 +339,19 @@ class RetinaFaceDetector:
         config: RetinaFaceConfig | None = None,
         *,
         weights: Path = DEFAULT_WEIGHTS,
+        device: str | None = None,
     ) -> None:
         """Load the network.
 
         Args:
             config: Inference settings; defaults as in ``RetinaFaceConfig``.
             weights: State dict to load.
+            device: "cpu" or "cuda"; None uses a GPU when torch sees one.
         """
         self.config = config or RetinaFaceConfig()
         apply_thread_setting()
-        self.network = load_retinaface(weights)
+        self.device = select_device(device)
+        self.network = load_retinaface(weights).to(self.device)
 
     def detect(self, image: ImageArray) -> list[Face]:
         """Detect faces in an RGB uint8 image.
@@ -377,11 +381,11 @@ class RetinaFaceDetector:
         )
         tensor = torch.from_numpy(np.ascontiguousarray(blob.transpose(2, 0, 1)))
         with torch.inference_mode():
-            offsets, probs, marks = self.network(tensor[None])
+            offsets, probs, marks = self.network(tensor[None].to(self.device))
         return self._postprocess(
-            offsets[0].numpy(),
-            probs[0, :, 1].numpy(),
-            marks[0].numpy(),
+            offsets[0].cpu().numpy(),
+            probs[0, :, 1].cpu().numpy(),
+            marks[0].cpu().numpy(),
             (net_h, net_w),
             scale,
         )

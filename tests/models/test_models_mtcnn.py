@@ -94,3 +94,17 @@ def test_registry_builds_mtcnn_through_its_entry_point():
 
     detector = from_registry("mtcnn")
     assert isinstance(detector, MtcnnDetector) and isinstance(detector, FaceDetector)
+
+
+def test_device_choice_is_validated():
+    import torch
+
+    from facefed.models.detectors.common import select_device
+
+    assert select_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigurationError, match="device"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        assert select_device(None) == torch.device("cpu")
+        with pytest.raises(ConfigurationError, match="no GPU"):
+            select_device("cuda")
