@@ -1,6 +1,7 @@
 """Helpers the PyTorch detectors share: weight loading and Face lists."""
 
 import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,8 +58,14 @@ def select_device(preferred: str | None = None) -> "torch.device":
     if torch.cuda.is_available():
         return torch.device("cuda")
     if preferred is None:
-        logger.info("No CUDA GPU visible to torch; detector networks run on the CPU.")
+        _log_cpu_fallback()
     return torch.device("cpu")
+
+
+@lru_cache(maxsize=1)
+def _log_cpu_fallback() -> None:
+    """Say once per process that the detector networks fall back to the CPU."""
+    logger.info("No CUDA GPU visible to torch; detector networks run on the CPU.")
 
 
 def load_state_dict(path: Path) -> dict[str, object]:
