@@ -56,7 +56,7 @@ class TrainingConfig:
 
     num_rounds: int = 5
     site_dirs: tuple[str, ...] = ()
-    trainable_blocks: int = 2
+    trainable_blocks: int = 1
     local_epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.05

@@ -189,6 +189,9 @@ def dp_train(
     """
     from opacus import PrivacyEngine
 
+    # Registers closed-form per-sample gradients of the affine layers and head.
+    from facefed.client.federated import grad_samplers  # noqa: F401
+
     num_examples = int(labels.shape[0])
     if features.shape[0] != num_examples or num_examples == 0:
         raise ConfigurationError(

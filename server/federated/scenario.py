@@ -8,10 +8,10 @@ downloaded):
   photos, dealt round robin across the sites, at most `photos_per_identity`
   photos each and `photos_per_site` in all, every photo degraded by the
   site's camera profile;
-- ``site-<k>/_heldout/``: the official View-2 pairs of fold k+1 (folds 1-3),
-  degraded the same way; LFW folds are identity-disjoint, so no held-out
-  person is ever trained on;
-- ``clean/_heldout/``: the clean photos of the pairs of folds 1-3, to check
+- ``site-<k>/_heldout/``: official View-2 pairs of fold k+1 (folds 1-3;
+  `pairs_per_site` of them, half genuine), degraded the same way; LFW
+  folds are identity-disjoint, so no held-out person is ever trained on;
+- ``clean/_heldout/``: the clean photos of the same held-out pairs, to check
   that fine-tuning does not hurt the general case.
 """
 
@@ -53,6 +53,7 @@ def build_scenario(
     *,
     photos_per_site: int = 200,
     photos_per_identity: int = 6,
+    pairs_per_site: int = 300,
     rng: np.random.Generator,
 ) -> Scenario:
     """Write the three degraded sites and the clean held-out set.
@@ -63,6 +64,8 @@ def build_scenario(
         out: Destination folder (replaced).
         photos_per_site: Training photos per site at most.
         photos_per_identity: Training photos per identity at most.
+        pairs_per_site: Held-out pairs per site: the first half genuine and
+            the first half impostor pairs of the site's fold (600 = all).
         rng: Source of the degradations and the identity shuffle.
 
     Raises:
@@ -81,6 +84,7 @@ def build_scenario(
         pairs = list(csv.DictReader(handle))
 
     sites = []
+    used_pairs: list[dict[str, str]] = []
     for index, profile in enumerate(SITE_PROFILES):
         site = out / f"site-{index + 1}-{profile}"
         mine = identities[index :: len(SITE_PROFILES)]
@@ -94,14 +98,22 @@ def build_scenario(
             photos_per_site=photos_per_site,
             photos_per_identity=photos_per_identity,
         )
-        fold_pairs = [p for p in pairs if int(p["fold"]) == index + 1]
+        fold_pairs = _subset(
+            [p for p in pairs if int(p["fold"]) == index + 1], pairs_per_site
+        )
+        used_pairs.extend(fold_pairs)
         _write_heldout(site / HELDOUT_DIR, fold_pairs, shared_data, profile, rng)
         sites.append(site)
         logger.info("Scenario site %s written (%s)", site.name, profile)
     clean = out / "clean"
-    clean_pairs = [p for p in pairs if int(p["fold"]) <= len(SITE_PROFILES)]
-    _write_heldout(clean / HELDOUT_DIR, clean_pairs, shared_data, "clean", rng)
+    _write_heldout(clean / HELDOUT_DIR, used_pairs, shared_data, "clean", rng)
     return Scenario(tuple(sites), clean)
+
+
+def _subset(pairs: list[dict[str, str]], count: int) -> list[dict[str, str]]:
+    genuine = [p for p in pairs if p["same"] == "1"][: count // 2]
+    impostor = [p for p in pairs if p["same"] == "0"][: count - count // 2]
+    return genuine + impostor
 
 
 def _training_photos(labels: Path) -> dict[str, list[str]]:

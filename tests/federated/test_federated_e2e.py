@@ -34,7 +34,8 @@ ALLOWED_METRICS = {
 
 
 def _shared_shapes() -> dict[str, list[int]]:
-    split = SplitNetwork(load_network(), trainable_blocks=2)
+    blocks = TrainingConfig().trainable_blocks
+    split = SplitNetwork(load_network(), trainable_blocks=blocks)
     return {k: list(v.shape) for k, v in split.shared_state().items()}
 
 

@@ -11,6 +11,7 @@ from facefed.client.federated.model import SplitNetwork, load_network
 from facefed.client.federated.profiles import degrade, known_profiles
 from facefed.client.federated.site import SiteRuntime
 from facefed.client.federated.training import (
+    CosineClassifier,
     arcface_loss,
     noise_multiplier_for,
 )
@@ -115,3 +116,32 @@ def test_camera_profiles_degrade_real_photos(test_data, profile):
 def test_unknown_profile_names_the_known_ones():
     with pytest.raises(ConfigurationError, match="low_light"):
         degrade(np.zeros((4, 4, 3), np.uint8), "fog", rng=np.random.default_rng(0))
+
+
+def test_closed_form_per_sample_gradients_match_opacus_functorch():
+    import copy
+
+    from opacus import GradSampleModule
+
+    from facefed.client.federated import grad_samplers  # noqa: F401
+    from facefed.models.dlib_resnet import Affine
+
+    generator = torch.Generator().manual_seed(3)
+    cases = [
+        (Affine(4), torch.randn(5, 4, 3, 3, generator=generator)),
+        (CosineClassifier(8, 3, generator=generator), torch.randn(5, 8)),
+    ]
+    for layer, inputs in cases:
+        with torch.no_grad():
+            for parameter in layer.parameters():
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+        reference = GradSampleModule(copy.deepcopy(layer), force_functorch=True)
+        ours = GradSampleModule(copy.deepcopy(layer))
+        for module in (reference, ours):
+            (module(inputs) ** 2).sum().backward()
+        for expected, got in zip(
+            reference.parameters(), ours.parameters(), strict=True
+        ):
+            torch.testing.assert_close(
+                got.grad_sample, expected.grad_sample, rtol=1e-4, atol=1e-4
+            )

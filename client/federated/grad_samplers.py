@@ -1,0 +1,52 @@
+"""Closed-form per-sample gradients for Opacus of the layers facefed trains.
+
+Opacus computes per-sample gradients of layer types it does not know by
+re-running each layer under `torch.func.vmap`, which made a DP-SGD step tens
+of times slower than a plain one here. The two such layers have short closed
+forms, registered below (importing this module registers them):
+
+- dlib's per-channel affine layer, y = w * x + b per channel:
+  dL/dw_c = sum over pixels of x * g, dL/db_c = sum of g, per sample;
+- the cosine head, y = x_hat W_hat^T with unit rows: per sample the gradient
+  of the normalised weight is G = g^T x_hat (C x d), and the gradient of W is
+  G projected off each row's direction and divided by the row's norm,
+  (G_c - (G_c . w_hat_c) w_hat_c) / |w_c|.
+"""
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from torch import nn
+
+from facefed.client.federated.training import CosineClassifier
+from facefed.models.dlib_resnet import Affine
+
+
+@register_grad_sampler(Affine)
+def affine_grad_sample(
+    layer: Affine, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of the per-channel scale and shift."""
+    inputs = activations[0].to(backprops.dtype)
+    samples: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        samples[layer.weight] = torch.einsum("nchw,nchw->nc", inputs, backprops)
+    if layer.bias.requires_grad:
+        samples[layer.bias] = backprops.sum(dim=(2, 3))
+    return samples
+
+
+@register_grad_sampler(CosineClassifier)
+def cosine_grad_sample(
+    layer: CosineClassifier, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of the cosine head's class centres."""
+    if not layer.weight.requires_grad:
+        return {}
+    inputs = F.normalize(activations[0].to(backprops.dtype), dim=1)
+    weight = layer.weight.detach()
+    norms = weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit = weight / norms
+    outer = torch.einsum("nc,nd->ncd", backprops, inputs)
+    radial = torch.einsum("ncd,cd->nc", outer, unit)
+    return {layer.weight: (outer - radial[..., None] * unit) / norms}
