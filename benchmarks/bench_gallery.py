@@ -252,11 +252,25 @@ def markdown(report: dict) -> str:
                 f"{ivf['recall_at_1_vs_exact']:.3f} | {ivf['build_s']:.1f} |"
             )
     http = report.get("http")
+    largest = report["sizes"][-1]
+    passing = [
+        ivf
+        for ivf in largest["ivf"]
+        if ivf["p50_ms"] <= 5.0 and ivf["recall_at_1_vs_exact"] >= 0.99
+    ]
+    verdict = (
+        f"met on {largest['n']:,} templates by nprobe "
+        + ", ".join(str(ivf["nprobe"]) for ivf in passing)
+        + f" (the server's default nprobe is 64; exact search takes "
+        f"{largest['exact']['p50_ms']:.0f} ms)"
+        if passing
+        else f"NOT met on {largest['n']:,} templates"
+    )
     lines += [
         "",
         f"Queries: {report['queries']} noisy copies of gallery items (noise "
         f"{NOISE} per coordinate, renormalised). Target: IVF on 1M templates p50 "
-        "<= 5 ms with recall@1 >= 0.99 on 2 cores.",
+        f"<= 5 ms with recall@1 >= 0.99 on 2 cores: {verdict}.",
     ]
     if http:
         lines += [
@@ -296,7 +310,17 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--http-requests", type=int, default=300)
     parser.add_argument("--no-http", action="store_true")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the .md from the .json"
+    )
     args = parser.parse_args()
+    if args.report_only:
+        report = json.loads((RESULTS / "gallery.json").read_text())
+        text = markdown(report)
+        (RESULTS / "gallery.md").write_text(text)
+        write_section(text)
+        print(text)
+        return
 
     import faiss
 
