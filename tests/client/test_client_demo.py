@@ -59,6 +59,7 @@ def test_the_fast_demo_runs_every_step_and_writes_its_report(tmp_path, monkeypat
 def test_a_failing_step_stops_the_demo_naming_it(tmp_path):
     with pytest.raises(DemoError, match="people with three photos"):
         run_demo(
-            DemoConfig(output=tmp_path, people_per_site=40, data_dir=None),
+            # Only tests/data (48 people): the shared set is pointed elsewhere.
+            DemoConfig(output=tmp_path, people_per_site=40, shared_dir=tmp_path),
             console=Console(record=True),
         )
