@@ -6,6 +6,11 @@ the canonical JSON has sorted keys and no spaces; the first event chains from
 removing events at the end is caught as well as editing or removing any
 other one. Events never hold personal data: no subject id, no template, no
 token; erasures carry a pseudonymous event id only.
+
+FIXME: the chain proves that events were not edited or removed by someone
+who left the rest intact; whoever can rewrite the whole table can recompute
+every hash. Publishing the head hash elsewhere (a transparency log, a signed
+daily digest) would close that gap.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ subclasses; the HTTP mapping lives in `server/api/` only.
 Write order keeps the database the source of truth (see `gallery.py`):
 database commit, then index add; index remove, then key destruction, then
 database delete. `reconcile` repairs what a crash left half done.
+
+FIXME: each process holds its own Faiss index, rebuilt from the database at
+start-up only; several API replicas on one PostgreSQL database would each
+miss the others' enrollments and erasures until restarted. Run one replica,
+or add change notification (e.g. PostgreSQL LISTEN/NOTIFY) before scaling out.
 """
 
 from __future__ import annotations
@@ -1171,10 +1176,10 @@ class GalleryService:
                     .distinct()
                 )
             )
+            # Past the TTL a replay is refused anyway; the sealed answers go.
             session.execute(
                 delete(IdempotencyRecord).where(
-                    IdempotencyRecord.created_at < now - IDEMPOTENCY_TTL,
-                    IdempotencyRecord.subject_id.is_(None),
+                    IdempotencyRecord.created_at < now - IDEMPOTENCY_TTL
                 )
             )
         for subject_id, collection_id in expired:
