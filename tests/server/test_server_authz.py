@@ -47,6 +47,13 @@ ROLES: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/admin/purge-expired"): ADMIN,
     ("GET", "/v1/admin/audit"): ADMIN,
     ("GET", "/v1/admin/audit/verify"): ADMIN,
+    # Federated training (server/federated/api.py): admin only, as documented there.
+    ("POST", "/v1/training/runs"): ADMIN,
+    ("GET", "/v1/training/runs"): ADMIN,
+    ("GET", "/v1/training/runs/{run_id}"): ADMIN,
+    ("POST", "/v1/training/runs/{run_id}/cancel"): ADMIN,
+    ("GET", "/v1/models"): ADMIN,
+    ("POST", "/v1/models/{model_id}/promote"): ADMIN,
 }
 
 
