@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from facefed.core.errors import PermissionDeniedError
 from facefed.server.security import Principal
@@ -22,25 +23,34 @@ def get_service(request: Request) -> GalleryService:
 Service = Annotated[GalleryService, Depends(get_service)]
 
 
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key (ffk_...) or a subject token (ffs_...).",
+)
+_subject_token = APIKeyHeader(
+    name=SUBJECT_TOKEN_HEADER,
+    auto_error=False,
+    description="A subject token (ffs_...), as an alternative to Bearer.",
+)
+
+
 def get_principal(
     service: Service,
-    authorization: Annotated[str | None, Header()] = None,
-    x_subject_token: Annotated[str | None, Header()] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    subject_token: Annotated[str | None, Depends(_subject_token)],
 ) -> Principal:
     """Authenticate the caller from `Authorization: Bearer` or `X-Subject-Token`.
 
     Raises:
         AuthenticationError: No credential, or an invalid one.
     """
-    bearer = None
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise AuthenticationError("Use 'Authorization: Bearer <key>'.")
-        bearer = value.strip()
-    principal = service.authenticate(bearer, x_subject_token)
+    key = bearer.credentials.strip() if bearer is not None else None
+    principal = service.authenticate(key or None, subject_token)
     if principal is None:
-        raise AuthenticationError("This endpoint needs an API key or subject token.")
+        raise AuthenticationError(
+            "This endpoint needs 'Authorization: Bearer <API key or subject "
+            "token>' or an X-Subject-Token header."
+        )
     return principal
 
 
