@@ -100,3 +100,34 @@ def test_background_task_purges_expired_consents(settings):
             headers=world.auth(world.admin_key),
         ).json()
         assert events[0]["details"]["reason"] == "consent_expired"
+
+
+def test_cli_verifies_an_erasure_receipt(settings, monkeypatch, tmp_path):
+    import json
+
+    admin = bootstrap_admin(settings)
+    with TestClient(make_app(settings)) as client:
+        world = setup_world(client, admin)
+        vector = unit_vectors(np.random.default_rng(2), 1)[0]
+        subject = client.post(
+            "/v1/subjects",
+            json={
+                "consent": consent(),
+                "templates": [wire(world.protection_key, vector)],
+            },
+            headers=world.auth(world.site_key),
+        ).json()["subject_id"]
+        receipt = client.delete(
+            f"/v1/subjects/{subject}", headers=world.auth(world.site_key)
+        ).json()
+        pem = client.get("/v1/receipts/public-key").json()["public_key_pem"]
+    (tmp_path / "key.pem").write_text(pem)
+    (tmp_path / "receipt.json").write_text(json.dumps(receipt))
+    files = [str(tmp_path / "receipt.json"), str(tmp_path / "key.pem")]
+    good = _cli(settings, monkeypatch, "admin", "verify-receipt", *files)
+    assert good.exit_code == 0 and "valid" in good.output
+    receipt["removed"]["templates"] = 0
+    (tmp_path / "receipt.json").write_text(json.dumps(receipt))
+    forged = _cli(settings, monkeypatch, "admin", "verify-receipt", *files)
+    assert forged.exit_code == 1
+    assert "INVALID" in forged.output
