@@ -29,10 +29,10 @@ subject_app = typer.Typer(
 )
 
 
-def _client() -> "GalleryClient":
+def _client(*, anonymous: bool = False) -> "GalleryClient":
     from facefed.client.gallery import GalleryClient
 
-    return GalleryClient.from_settings()
+    return GalleryClient.from_settings(anonymous=anonymous)
 
 
 def _agent(*, with_pipeline: bool = True) -> "SiteAgent":
@@ -192,7 +192,7 @@ def subject_export(
     ],
 ) -> None:
     """Print everything the server holds about you, as JSON (GDPR Art. 15)."""
-    with _client() as client:
+    with _client(anonymous=True) as client:
         console.print_json(
             json.dumps(client.export(subject_id, subject_token=_token(token_file)))
         )
@@ -207,7 +207,7 @@ def subject_erase(
     ],
 ) -> None:
     """Erase yourself from the gallery (GDPR Art. 17); prints the signed receipt."""
-    with _client() as client:
+    with _client(anonymous=True) as client:
         receipt = client.erase(subject_id, subject_token=_token(token_file))
     console.print_json(json.dumps(receipt))
 

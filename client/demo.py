@@ -473,6 +473,7 @@ def subject_rights(ctx: DemoContext) -> None:
         ClientSettings(
             server_url=ctx.server.url if ctx.server else "", collection=COLLECTION
         ),
+        anonymous=True,
         rng=ctx.rng,
     )
     with anonymous:

@@ -133,6 +133,7 @@ class GalleryClient:
         settings: ClientSettings | None = None,
         *,
         api_key: str | None = None,
+        anonymous: bool = False,
         rng: np.random.Generator | None = None,
         http: httpx.Client | None = None,
     ) -> "GalleryClient":
@@ -141,12 +142,14 @@ class GalleryClient:
         Args:
             settings: Settings to use; read from the environment when None.
             api_key: Overrides the settings' key (admin tools pass their own).
+            anonymous: Send no API key at all (a data subject, who
+                authenticates with their subject token instead).
             rng: Jitter source of the retry backoff; a fresh OS-seeded
                 generator when None.
             http: A prepared httpx client (tests pass one bound to an app).
         """
         settings = settings or get_client_settings()
-        key = api_key or settings.resolved_api_key()
+        key = None if anonymous else api_key or settings.resolved_api_key()
         verify: bool | str = str(settings.ca_file) if settings.ca_file else True
         transport = Transport(
             settings.server_url,

@@ -228,7 +228,7 @@ def test_two_sites_enroll_identify_and_a_subject_erases_themselves(
 
     # The first person erases themselves with their own token.
     identity, (agent, receipt, probe) = next(iter(enrolled.items()))
-    subject_client = GalleryClient.from_settings(settings, api_key=None)
+    subject_client = GalleryClient.from_settings(settings, anonymous=True)
     exported = subject_client.export(
         receipt.subject_id, subject_token=receipt.subject_token
     )

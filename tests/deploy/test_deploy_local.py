@@ -253,3 +253,28 @@ def test_local_topology_enrolls_identifies_trains_one_round_and_erases(
     out = _site(state, "site-b", "identify", str(sites["site-a"][0][1][2]))
     assert subject_id not in out
     assert identity in SiteDataStore(state / "site-a" / "training").erased()
+
+    # A data subject of site-b exports and erases themselves with the CLI and
+    # their receipt, holding no API key.
+    identity, _ = sites["site-b"][0]
+    receipt_file = tmp_path / f"{identity}.json"
+    subject_id = receipts[identity]["subject_id"]
+    subject_env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("FACEFED_API_KEY")
+    }
+    subject_env["FACEFED_SERVER_URL"] = env["FACEFED_SERVER_URL"]
+
+    def subject(*args: str) -> dict:
+        done = subprocess.run(
+            [*facefed_command(), "subject", *args, subject_id,
+             "--token-file", str(receipt_file)],
+            env=subject_env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    exported = subject("export")
+    assert exported["external_ref"] == identity and len(exported["templates"]) == 2
+    assert subject("erase")["removed"]["data_key_destroyed"] is True
