@@ -211,3 +211,39 @@ def test_flip_augmentation_sums_the_mirrored_chip(dlib_reference):
     np.testing.assert_allclose(embedder.embed(chips[:3]), expected, atol=1e-5)
     # The mirrored photo gets the same embedding: the sum is symmetric.
     np.testing.assert_allclose(embedder.embed(mirrored[:3]), expected, atol=1e-5)
+
+
+def test_hand_written_metadata_beside_the_onnx_is_enough(tmp_path: Path, monkeypatch):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    monkeypatch.setenv("FACEFED_MODEL_CACHE", str(folder))
+    get_core_settings.cache_clear()
+    _insightface_like_onnx(folder / "glint_r100.onnx", np.random.default_rng(5))
+    (folder / "glint_r100.json").write_text(
+        json.dumps(
+            {
+                "model_id": "glint-r100-user",
+                "name": "user model",
+                "input_size": 112,
+                "alignment": "arcface_112",
+                "embedding_size": 512,
+                "normalisation": {"mean": [127.5] * 3, "std": [127.5] * 3},
+                "licence": "non-commercial",
+                "thresholds": {"0.001": 0.3},
+            }
+        )
+    )
+    embedder = load_embedder("glint-r100-user")
+    assert embedder.metadata.threshold_for(1e-3) == 0.3
+    chips = np.random.default_rng(1).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    assert embedder.embed(chips).shape == (2, 512)
+
+
+def test_gpu_providers_come_first_when_installed():
+    from facefed.core.embedding import _choose_providers
+
+    assert _choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert _choose_providers(
+        ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
+    ) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert load_default_embedder().providers[-1] == "CPUExecutionProvider"
