@@ -349,7 +349,7 @@ class ImageEmbedder:
 
 @dataclass
 class VerificationReport:
-    """Result of ``evaluate_pairs``."""
+    """Every metric of a scored pairs protocol (see ``build_report``)."""
 
     model_id: str
     detector: str
