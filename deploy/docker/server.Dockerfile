@@ -29,6 +29,8 @@ COPY models ./models
 COPY privacy ./privacy
 COPY client ./client
 COPY server ./server
+# Flower's start scripts (TLS, SuperNode authentication): deploy/flower/README.md.
+COPY deploy/flower ./deploy/flower
 RUN pip install . && useradd --system --uid 10001 --home-dir /var/lib/facefed facefed \
     && mkdir -p /var/lib/facefed && chown facefed /var/lib/facefed
 

@@ -27,6 +27,8 @@ COPY models ./models
 COPY privacy ./privacy
 COPY client ./client
 COPY server ./server
+# Flower's start scripts (TLS, SuperNode authentication): deploy/flower/README.md.
+COPY deploy/flower ./deploy/flower
 RUN pip install . && useradd --system --uid 10001 --home-dir /var/lib/facefed facefed \
     && mkdir -p /var/lib/facefed && chown facefed /var/lib/facefed
 
@@ -34,7 +36,7 @@ USER facefed
 VOLUME ["/var/lib/facefed"]
 # The SuperNode's ClientAppIo API, reached only by its own ClientApp processes.
 EXPOSE 9094
-# By default the container is the site's SuperNode; run `facefed site ...`
-# commands in it with `docker compose exec site-a facefed site identify ...`.
-ENTRYPOINT ["flower-supernode"]
-CMD ["--insecure", "--superlink", "superlink:9092"]
+# By default the container is the site's SuperNode (deploy/flower/supernode.sh:
+# TLS to the SuperLink, SuperNode authentication with the site's ed25519 key);
+# run `facefed site ...` next to it with `docker compose exec site-a facefed site ...`.
+ENTRYPOINT ["/opt/facefed/deploy/flower/supernode.sh"]

@@ -107,3 +107,26 @@ def test_the_dockerfiles_take_torch_from_the_cpu_index_only():
         text = (DEPLOY / "docker" / name).read_text()
         assert text.startswith("#") and "FROM python:3.11-slim" in text
         assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in text
+
+
+def test_flower_services_start_through_the_deploy_flower_scripts():
+    (compose,) = _documents(DEPLOY / "compose.yaml")
+    services = compose["services"]
+    scripts = [services["superlink"]["entrypoint"][0]]
+    for path in (DEPLOY / "k8s").glob("*.yaml"):
+        for doc in _documents(path):
+            if doc.get("kind") != "Deployment":
+                continue
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                scripts += container.get("command", [])[:1]
+    site_image = (DEPLOY / "docker" / "site.Dockerfile").read_text()
+    scripts.append(site_image.split('ENTRYPOINT ["')[1].split('"')[0])
+    flower = [s for s in scripts if "/deploy/flower/" in s]
+    assert len(flower) >= 3  # compose SuperLink, k8s SuperLink, the site image
+    for script in flower:
+        local = DEPLOY / "flower" / script.split("/deploy/flower/")[1]
+        assert local.is_file(), script
+    for name in ("site-a", "site-b"):
+        environment = services[name]["environment"]
+        assert environment["SUPERLINK"] == "superlink:9091"
+        assert environment["SITE_DIR"].startswith(environment["FACEFED_SITE_DIR"])
