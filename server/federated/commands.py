@@ -199,6 +199,18 @@ def runs_models() -> None:
         typer.echo(f"{version.model_id}  run {version.run_id}  epsilon {epsilon}")
 
 
+@runs_app.command("register")
+def runs_register(model_id: str) -> None:
+    """Register a published version with the model folder (for eval verify)."""
+    from facefed.server.federated.runs import register_version
+
+    path = register_version(model_id)
+    typer.echo(f"registered {model_id}: {path}")
+    typer.echo(
+        f"evaluate: facefed eval verify --model {model_id} --pairs ... --root ..."
+    )
+
+
 @runs_app.command("promote")
 def runs_promote(
     model_id: str,

@@ -9,6 +9,7 @@ a collection's model with one whose probes do not match the old templates
 (see `publish.compatibility`).
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -119,8 +120,7 @@ def cancel_run(run_id: str) -> None:
     if read_progress(folder).status != "running" or not _alive(folder):
         raise ConflictError(f"Training run {run_id} is not running.")
     (folder / "cancelled").write_text(str(time.time()))
-    pid = int((folder / "pid").read_text())
-    os.kill(pid, signal.SIGTERM)
+    _cancel_tree(int((folder / "pid").read_text()))
     logger.info("Cancelled training run %s", run_id)
 
 
@@ -167,6 +167,36 @@ def model_version(model_id: str) -> ModelVersion:
     raise NotFoundError(f"No published model version {model_id!r}.")
 
 
+def register_version(model_id: str) -> Path:
+    """Register a published version with the model registry (C's model folder).
+
+    Afterwards `facefed eval verify --model <id>` evaluates it on a public
+    benchmark and `default_pipeline(model_id=<id>)` embeds with it.
+
+    Returns:
+        The registered ONNX file.
+    """
+    from facefed.core.embedding import load_metadata
+    from facefed.models.registry import ModelRegistry
+
+    version = model_version(model_id)
+    metadata = load_metadata(version.folder / f"{model_id}.json")
+    registered = ModelRegistry().register_onnx(
+        version.folder / metadata.onnx_file, metadata
+    )
+    return registered.onnx_path
+
+
+def _cancel_tree(pid: int) -> None:
+    from facefed.server.federated.deployment import _descendants
+
+    # The simulation child starts Ray's processes; stop them with it.
+    family = [pid, *_descendants(pid)]
+    for member in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGTERM)
+
+
 def _promotions_path() -> Path:
     return training_home() / "promotions.json"
 
@@ -194,7 +224,6 @@ def promote(model_id: str, collection: str, *, force_new_gallery: bool = False) 
         ConflictError: The version cannot serve the collection's templates.
     """
     from facefed.core.embedding import load_metadata
-    from facefed.models.registry import ModelRegistry
 
     version = model_version(model_id)
     current = promotions().get(collection)
@@ -210,7 +239,7 @@ def promote(model_id: str, collection: str, *, force_new_gallery: bool = False) 
                 "accuracy below the parent's own, or another parent). Train with "
                 "--compat l2 from that model, or re-enroll the gallery."
             )
-    ModelRegistry().register_onnx(version.folder / metadata.onnx_file, metadata)
+    register_version(model_id)
     table = promotions() | {collection: model_id}
     _promotions_path().parent.mkdir(parents=True, exist_ok=True)
     _promotions_path().write_text(json.dumps(table, indent=1))
