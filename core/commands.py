@@ -55,8 +55,9 @@ def detect(
         Path | None,
         typer.Option(
             "--draw",
-            help="Write the image with boxes and landmarks drawn to this PNG "
-            "(with several images: one file each, named OUT_<image>.png).",
+            help="Write the image with boxes and landmarks drawn to this file "
+            "(.png, .jpg or .webp; with several images: one file each, named "
+            "OUT_<image>.png).",
         ),
     ] = None,
 ) -> None:
@@ -67,10 +68,11 @@ def detect(
     from facefed.core.settings import get_core_settings
 
     _quiet_opencv()
+    targets = _draw_targets(draw, images) if draw is not None else None
     face_detector = create_detector(detector or get_core_settings().detector)
     results: list[dict[str, Any]] = []
     failed = 0
-    for path in _progress(images, "Detecting faces"):
+    for index, path in enumerate(_progress(images, "Detecting faces")):
         try:
             image = decode_image(path)
         except ImageError as error:
@@ -81,8 +83,8 @@ def detect(
             continue
         faces = face_detector.detect(image)
         results.append({"image": str(path), "faces": [_face_json(f) for f in faces]})
-        if draw is not None:
-            _draw(image, faces, _draw_path(draw, path, len(images)))
+        if targets is not None:
+            _draw(image, faces, targets[index])
 
     if as_json:
         typer.echo(json.dumps({"detector": face_detector.name, "images": results}))
@@ -117,10 +119,11 @@ def align(
     from facefed.core.settings import get_core_settings
 
     _quiet_opencv()
+    _check_output_folder(out)
+    stems = _unique_stems(images)
     face_detector = create_detector(detector or get_core_settings().detector)
-    out.mkdir(parents=True, exist_ok=True)
     written = skipped = failed = 0
-    for path in _progress(images, "Aligning faces"):
+    for path, stem in zip(_progress(images, "Aligning faces"), stems, strict=True):
         try:
             image = decode_image(path)
         except ImageError as error:
@@ -134,7 +137,7 @@ def align(
                 skipped += 1
                 continue
             chip = align_chip(image, face.landmarks, geometry=geometry.value)
-            Image.fromarray(chip).save(out / f"{path.stem}_{number}.png")
+            _save(Image.fromarray(chip), out / f"{stem}_{number}.png", "PNG")
             written += 1
     typer.echo(f"Wrote {written} {geometry.value} chips to {out}.")
     if skipped:
@@ -204,10 +207,93 @@ def _print_table(detector_name: str, results: list[dict[str, Any]]) -> None:
     Console().print(table)
 
 
-def _draw_path(draw: Path, image_path: Path, count: int) -> Path:
-    if count == 1:
-        return draw
-    return draw.with_name(f"{draw.stem}_{image_path.stem}{draw.suffix or '.png'}")
+# Formats `--draw` writes, by file suffix.
+_DRAW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _draw_targets(draw: Path, images: list[Path]) -> list[Path]:
+    """Check `--draw` before any work and name one output file per image.
+
+    Raises:
+        ConfigurationError: An unknown suffix, a folder given as the file, or a
+            place that cannot be written.
+    """
+    from facefed.core.errors import ConfigurationError
+
+    if draw.suffix.lower() not in _DRAW_FORMATS:
+        raise ConfigurationError(
+            f"--draw {str(draw)!r} needs a file name ending in one of "
+            f"{', '.join(sorted(_DRAW_FORMATS))}."
+        )
+    if draw.is_dir():
+        raise ConfigurationError(f"--draw {str(draw)!r} is a folder, not a file.")
+    _check_output_folder(draw.parent, option="--draw")
+    if len(images) == 1:
+        return [draw]
+    return [
+        draw.with_name(f"{draw.stem}_{stem}{draw.suffix}")
+        for stem in _unique_stems(images)
+    ]
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    """File stems for naming outputs, with `-2`, `-3`... added to repeats.
+
+    Two inputs with the same name in different folders (a/1.jpg, b/1.jpg)
+    would otherwise overwrite each other's outputs.
+    """
+    taken: set[str] = set()
+    stems = []
+    for path in paths:
+        stem, count = path.stem, 1
+        while stem in taken:
+            count += 1
+            stem = f"{path.stem}-{count}"
+        taken.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def _check_output_folder(folder: Path, *, option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that cannot be created or written.
+
+    Nothing is created here: the folder is made when the first file is saved,
+    so a run that fails on its inputs leaves no trace.
+
+    Raises:
+        ConfigurationError: The path or one of its parents is a file, or the
+            nearest existing folder is not writable.
+    """
+    import os
+
+    from facefed.core.errors import ConfigurationError
+
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():
+            raise ConfigurationError(f"{option} {str(folder)!r} is a broken link.")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigurationError(
+            f"{option} {str(folder)!r} cannot be a folder: {str(existing)!r} is a file."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"{option} {str(folder)!r}: the folder {str(existing)!r} is not writable."
+        )
+
+
+def _save(picture: Any, target: Path, image_format: str) -> None:
+    """Save a Pillow image, creating its folder; an OS error becomes a clear one."""
+    from facefed.core.errors import ConfigurationError
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(target, format=image_format)
+    except OSError as error:
+        raise ConfigurationError(
+            f"Cannot write {str(target)!r}: {error.strerror or error}."
+        ) from None
 
 
 def _draw(image: "ImageArray", faces: list["Face"], target: Path) -> None:
@@ -235,5 +321,4 @@ def _draw(image: "ImageArray", faces: list["Face"], target: Path) -> None:
             cv2.circle(
                 canvas, (round(float(x)), round(float(y))), 2 * thickness, colour, -1
             )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(target)
+    _save(Image.fromarray(canvas), target, _DRAW_FORMATS[target.suffix.lower()])

@@ -111,14 +111,12 @@ def decode_stride(
         network input pixels.
     """
     centres = anchor_centres(size, stride)
-    score = np.asarray(scores, dtype=np.float64).reshape(-1)
-    box_d = np.asarray(distances, dtype=np.float64).reshape(-1, 4) * stride
-    if len(score) != len(centres) or len(box_d) != len(centres):
-        raise ModelError(
-            f"SCRFD stride {stride} should give {len(centres)} anchors for a "
-            f"{size} input; the model gave {len(score)} scores and {len(box_d)} boxes."
-        )
-    keep = score >= score_threshold
+    score = _per_anchor(scores, 1, len(centres), stride=stride, what="scores")[:, 0]
+    box_d = _per_anchor(distances, 4, len(centres), stride=stride, what="boxes")
+    box_d = box_d * stride
+    # A broken or overflowing model can give NaN or infinity: such anchors
+    # are not faces (NaN scores already fail the threshold).
+    keep = (score >= score_threshold) & np.isfinite(box_d).all(axis=1)
     c = centres[keep]
     d = box_d[keep]
     boxes = np.stack(
@@ -128,9 +126,26 @@ def decode_stride(
     if offsets is None:
         landmarks = np.full((len(c), 5, 2), np.nan)
     else:
-        o = np.asarray(offsets, dtype=np.float64).reshape(-1, 5, 2)[keep] * stride
-        landmarks = c[:, None, :] + o
+        o = _per_anchor(offsets, 10, len(centres), stride=stride, what="landmarks")
+        landmarks = c[:, None, :] + o[keep].reshape(-1, 5, 2) * stride
     return boxes, score[keep], landmarks
+
+
+def _per_anchor(
+    values: npt.ArrayLike, width: int, anchors: int, *, stride: int, what: str
+) -> npt.NDArray[np.float64]:
+    """One stride's output as (anchors, width) floats, refusing any other size.
+
+    Raises:
+        ModelError: The output does not hold `width` numbers per anchor.
+    """
+    array = np.asarray(values)
+    if array.dtype.kind not in "fiu" or array.size != anchors * width:
+        raise ModelError(
+            f"SCRFD stride {stride} should give {anchors} anchors x {width} "
+            f"{what}; the model gave {array.size} values of type {array.dtype}."
+        )
+    return array.astype(np.float64).reshape(anchors, width)
 
 
 class ScrfdDetector:
@@ -183,7 +198,7 @@ class ScrfdDetector:
                 f"{expected_sha256}."
             )
         self._session = _open_session(self.path)
-        self._input_name = self._session.get_inputs()[0].name
+        self._input_name = self._check_input()
         self._outputs = self._map_outputs()
         logger.info("Loaded SCRFD model %s (sha256 %s)", self.path.name, self.sha256)
 
@@ -196,7 +211,13 @@ class ScrfdDetector:
         """Detect faces; see `FaceDetector.detect`."""
         check_image(image)
         tensor, fit = letterbox(image, self.input_size)
-        raw = self._session.run(None, {self._input_name: tensor})
+        try:
+            raw = self._session.run(None, {self._input_name: tensor})
+        except Exception as error:  # onnxruntime raises its own untyped errors
+            raise ModelError(
+                f"onnxruntime cannot run {self.path.name} on a "
+                f"{self.input_size}x{self.input_size} image: {error}"
+            ) from None
         boxes, scores, landmarks = [], [], []
         for stride in STRIDES:
             score_i, box_i, kps_i = self._outputs[stride]
@@ -226,6 +247,33 @@ class ScrfdDetector:
             for i in kept
         ]
         return sort_by_score(faces)
+
+    def _check_input(self) -> str:
+        """Return the name of the one image input, refusing other layouts.
+
+        Raises:
+            ModelError: Not exactly one float input of rank 4 whose fixed
+                dimensions fit a 1x3xSxS image.
+        """
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise ModelError(
+                f"{self.path.name} has {len(inputs)} inputs; an SCRFD model has "
+                "one image input."
+            )
+        shape = list(inputs[0].shape or [])
+        wanted = [1, 3, self.input_size, self.input_size]
+        fixed_ok = len(shape) == 4 and all(
+            not isinstance(dim, int) or dim == want
+            for dim, want in zip(shape, wanted, strict=True)
+        )
+        if inputs[0].type != "tensor(float)" or not fixed_ok:
+            raise ModelError(
+                f"{self.path.name} takes {inputs[0].type} of shape {shape}; an "
+                f"SCRFD model with a {self.input_size} input takes tensor(float) "
+                f"of shape {wanted}."
+            )
+        return str(inputs[0].name)
 
     def _map_outputs(self) -> dict[int, tuple[int, int, int | None]]:
         """Find which output is which.
