@@ -117,8 +117,12 @@ class Challenge:
                 expires_at=float(data["expires_at"]),
                 signature=str(data["signature"]),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise ChallengeError(f"The challenge is malformed: {error}.") from None
+        if not (
+            math.isfinite(challenge.issued_at) and math.isfinite(challenge.expires_at)
+        ):
+            raise ChallengeError("The challenge's times must be finite numbers.")
         return challenge
 
 
@@ -162,6 +166,11 @@ class MemoryNonceStore:
 class FileNonceStore:
     """A used-nonce store in a JSON file, locked so processes can share it.
 
+    The file is replaced atomically (written beside it, then renamed) under
+    an exclusive lock on `<file>.lock`, so a crash mid-write cannot empty it.
+    A store that cannot be read is refused, not reset: forgetting the used
+    nonces would let every unexpired challenge be answered again.
+
     Args:
         path: The file; created (mode 0600) on first use.
     """
@@ -170,23 +179,62 @@ class FileNonceStore:
         self.path = path
 
     def consume(self, nonce: str, *, expires_at: float, now: float) -> bool:
-        """Record a nonce; return False if it had been recorded before."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        with os.fdopen(descriptor, "r+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            text = handle.read()
-            try:
-                used = {str(k): float(v) for k, v in json.loads(text).items()}
-            except ValueError:
-                used = {}
-            used = {n: e for n, e in used.items() if e >= now}
+        """Record a nonce; return False if it had been recorded before.
+
+        Raises:
+            ConfigurationError: The store cannot be read, parsed or written.
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = os.open(self._lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise self._error(error) from None
+        with os.fdopen(lock, "r+") as lock_handle:
+            fcntl.flock(lock_handle, fcntl.LOCK_EX)
+            used = {n: e for n, e in self._read().items() if e >= now}
             fresh = nonce not in used
             used[nonce] = max(expires_at, used.get(nonce, 0.0))
-            handle.seek(0)
-            handle.truncate()
-            json.dump(used, handle)
+            self._write(used)
         return fresh
+
+    def _lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _error(self, error: Exception) -> ConfigurationError:
+        return ConfigurationError(
+            f"The used-nonce store {self.path} cannot be used ({error}); no "
+            "challenge can be verified until it is repaired. Deleting it would "
+            "let unexpired challenges be answered again."
+        )
+
+    def _read(self) -> dict[str, float]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as error:
+            raise self._error(error) from None
+        if not text.strip():
+            return {}
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object of nonces")
+            return {str(k): float(v) for k, v in data.items()}
+        except (ValueError, TypeError, RecursionError, OverflowError) as error:
+            raise self._error(error) from None
+
+    def _write(self, used: dict[str, float]) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        try:
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(used, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, self.path)
+        except OSError as error:
+            raise self._error(error) from None
 
 
 def _check_key(key: bytes) -> bytes:
@@ -400,8 +448,11 @@ class ChallengeVerifier:
         )
 
     def _refusal(self, challenge: Challenge) -> str:
-        expected = sign(challenge, self._key)
-        if not hmac.compare_digest(expected, challenge.signature):
+        expected = sign(challenge, self._key).encode()
+        # Compared as bytes: compare_digest refuses non-ASCII text, and a
+        # forged signature may hold anything.
+        given = challenge.signature.encode("utf-8", "replace")
+        if not hmac.compare_digest(expected, given):
             return "The challenge's signature is not valid (forged or altered)."
         if len(challenge.actions) not in (2, 3) or len(set(challenge.actions)) != len(
             challenge.actions

@@ -31,10 +31,16 @@ def check(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
-    """Run the silent liveness check on the largest face of each image."""
+    """Run the silent liveness check on the largest face of each image.
+
+    With several images, a file that cannot be read or shows no face is
+    reported in its row and the others are still checked; the exit code is
+    then that of the first such error (3: image, 4: no face).
+    """
     from rich.console import Console
     from rich.table import Table
 
+    from facefed.core.errors import FaceError, FacefedError, ImageError
     from facefed.core.liveness import default_checker
     from facefed.core.liveness.faces import (
         default_face_finder,
@@ -43,16 +49,32 @@ def check(
         whole_image_face,
     )
 
+    _quiet_opencv()
     checker = default_checker()
     finder = None if whole_image else default_face_finder()
     table = Table("image", "live", "score", "network", "texture")
     refusals: list[str] = []
+    first_error: FacefedError | None = None
     for path in images:
-        image = read_rgb(path)
-        face = (
-            whole_image_face(image) if finder is None else largest_face(finder, image)
-        )
-        result = checker.check(image, face)
+        try:
+            image = read_rgb(path)
+            face = (
+                whole_image_face(image)
+                if finder is None
+                else largest_face(finder, image)
+            )
+            result = checker.check(image, face)
+        except (ImageError, FaceError) as error:
+            # One unreadable file or faceless photo must not hide the others.
+            if len(images) == 1:
+                raise
+            first_error = first_error or error
+            if as_json:
+                typer.echo(json.dumps({"image": str(path), "error": str(error)}))
+            else:
+                table.add_row(path.name, "[red]error[/red]", "", "", "")
+                refusals.append(f"{path.name}: {error}")
+            continue
         if as_json:
             typer.echo(
                 json.dumps(
@@ -80,7 +102,9 @@ def check(
         console.print(table)
         console.print(f"threshold {checker.threshold:.3f}")
         for line in refusals:
-            console.print(line, soft_wrap=True)
+            console.print(line, soft_wrap=True, markup=False)
+    if first_error is not None:
+        raise typer.Exit(code=first_error.exit_code)
 
 
 @challenge_app.command("new")
@@ -93,7 +117,11 @@ def challenge_new(
     ] = None,
 ) -> None:
     """Issue a signed challenge (JSON) with this installation's key."""
-    from facefed.core.liveness.challenge import ChallengeIssuer, load_challenge_key
+    from facefed.core.liveness.challenge import (
+        ChallengeError,
+        ChallengeIssuer,
+        load_challenge_key,
+    )
     from facefed.core.liveness.settings import get_liveness_settings
 
     issuer = ChallengeIssuer(
@@ -104,7 +132,12 @@ def challenge_new(
     if out is None:
         typer.echo(text)
     else:
-        out.write_text(text + "\n")
+        try:
+            out.write_text(text + "\n")
+        except OSError as error:
+            raise ChallengeError(
+                f"Cannot write the challenge to {out}: {error.strerror or error}."
+            ) from None
         typer.echo(f"challenge written to {out}: {' then '.join(challenge.actions)}")
 
 
@@ -130,9 +163,10 @@ def challenge_verify(
     )
     from facefed.core.liveness.faces import read_frames
 
+    _quiet_opencv()
     try:
         data = json.loads(challenge_file.read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise ChallengeError(
             f"Cannot read the challenge file {challenge_file}: {error}."
         ) from None
@@ -146,7 +180,9 @@ def challenge_verify(
         silent=default_checker() if silent else None,
     )
     verdict = verifier.verify(challenge, recording)
-    typer.echo(f"{len(recording)} frames, actions: {' then '.join(challenge.actions)}")
+    if verdict.outcomes:  # the frames were looked at: the challenge itself was valid
+        actions = " then ".join(challenge.actions)
+        typer.echo(f"{len(recording)} frames, actions: {actions}")
     for outcome in verdict.outcomes:
         typer.echo(f"  {'pass' if outcome.passed else 'FAIL'}  {outcome.reason}")
     failed_actions = {o.reason for o in verdict.outcomes if not o.passed}
@@ -159,6 +195,13 @@ def challenge_verify(
             verdict.reasons,
         ) from None
     typer.echo("challenge passed")
+
+
+def _quiet_opencv() -> None:
+    """Hide OpenCV's notice that its new graph engine ignores target hints."""
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def eval_liveness(

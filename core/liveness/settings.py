@@ -4,8 +4,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from facefed.core.errors import ConfigurationError
 
 ExecutionMode = Literal["auto", "cpu", "cuda"]
 
@@ -37,5 +39,17 @@ class LivenessSettings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_liveness_settings() -> LivenessSettings:
-    """Return the process-wide liveness settings, read once from the environment."""
-    return LivenessSettings()
+    """Return the process-wide liveness settings, read once from the environment.
+
+    Raises:
+        ConfigurationError: A `FACEFED_LIVENESS_*` variable holds a bad value;
+            the message names the variable and what it must be.
+    """
+    try:
+        return LivenessSettings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"FACEFED_LIVENESS_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+            for e in error.errors()
+        )
+        raise ConfigurationError(f"Invalid liveness setting: {problems}.") from None
