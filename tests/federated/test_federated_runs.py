@@ -1,0 +1,86 @@
+"""Run management: publishing, promotion rules, and the train command's checks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from facefed.client.federated.config import TrainingConfig
+from facefed.client.federated.model import load_network
+from facefed.core.errors import ConflictError
+from facefed.server.federated.publish import publish_run
+from facefed.server.federated.runs import list_model_versions, promote, runs_dir
+
+
+def _publish(run_id: str, *, cross: float, parent: float, bump: float) -> str:
+    network = load_network()
+    with __import__("torch").no_grad():
+        network.embedding.fc.weight.mul_(1.0 + bump)
+    config = TrainingConfig(num_rounds=1, run_dir=str(runs_dir() / run_id))
+    evaluate = {
+        1: {
+            "site-a": {
+                "num-examples": 100.0,
+                "accuracy": 0.9,
+                "cross-accuracy": cross,
+                "parent-accuracy": parent,
+            }
+        }
+    }
+    train = {1: {"site-a": {"epsilon": 1.5, "num-examples": 50.0}}}
+    model_dir = publish_run(
+        network,
+        config=config,
+        site_train=train,
+        site_evaluate=evaluate,
+        shared_names=["embedding.fc.weight"],
+    )
+    return json.loads((model_dir / "training.json").read_text())["model_id"]
+
+
+@pytest.mark.slow
+def test_published_version_and_promotion_rules():
+    first = _publish("20260101T000000Z-aaaaaa", cross=0.95, parent=0.9, bump=0.01)
+    second = _publish("20260101T000001Z-bbbbbb", cross=0.80, parent=0.9, bump=0.02)
+    assert {v.model_id for v in list_model_versions()} == {first, second}
+    summary = next(v for v in list_model_versions() if v.model_id == second).summary
+    assert summary["compatibility"]["compatible"] is False
+    assert summary["epsilon"] == {"site-a": 1.5}
+
+    assert promote(first, "lab") == first
+    # `second` is not a child of `first` (both come from dlib) and its probes
+    # match old templates worse than the parent's own: the gallery keeps `first`.
+    with pytest.raises(ConflictError, match="holds templates of model"):
+        promote(second, "lab")
+    assert promote(second, "lab", force_new_gallery=True) == second
+    assert promote(second, "other") == second
+
+
+def test_train_refuses_missing_site_folders(tmp_path):
+    facefed = Path(sys.executable).with_name("facefed")
+    done = subprocess.run(
+        [str(facefed), "train", "--site", str(tmp_path / "nowhere"), "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "does not exist" in " ".join(done.stderr.split())
+    assert not runs_dir().exists() or not any(runs_dir().iterdir())
+
+
+def test_train_checks_the_site_count(tmp_path):
+    facefed = Path(sys.executable).with_name("facefed")
+    (tmp_path / "a").mkdir()
+    done = subprocess.run(
+        [str(facefed), "train", "--site", str(tmp_path / "a"), "--sites", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--sites 3 but 1 site folders" in " ".join(done.stderr.split())
