@@ -54,6 +54,9 @@ def simulate(
             "given."
         )
     quiet_flower_env()
+    # FIXME: Flower 1.42 deprecates run_simulation in favour of `flwr run`
+    # with a local simulation SuperLink; it still works and lets the apps take
+    # the config object directly, but will have to move when Flower drops it.
     from flwr.simulation import run_simulation
 
     from facefed.client.federated.app import app as client_app
