@@ -122,7 +122,11 @@ class _DlibDetector:
         longest = max(image.shape[:2])
         if self.max_side is not None and longest > self.max_side:
             scale = self.max_side / longest
-            size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+            # At least one pixel a side: a 1x30000 strip must not shrink to 0.
+            size = (
+                max(1, round(image.shape[1] * scale)),
+                max(1, round(image.shape[0] * scale)),
+            )
             network_input = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         with self._lock:
             found = self._run(np.ascontiguousarray(network_input))

@@ -1,5 +1,7 @@
 """Context crops around a face box, the way the Silent-Face models were trained."""
 
+import math
+
 import cv2
 import numpy as np
 
@@ -32,6 +34,8 @@ def scaled_box(
     height, width = int(image_shape[0]), int(image_shape[1])
     x1, y1, x2, y2 = (float(v) for v in box[:4])
     box_w, box_h = x2 - x1, y2 - y1
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise FaceError(f"The face box {[x1, y1, x2, y2]} holds non-finite values.")
     if box_w <= 1 or box_h <= 1 or x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
         raise FaceError(
             f"The face box {[round(v, 1) for v in (x1, y1, x2, y2)]} is empty or "

@@ -358,3 +358,17 @@ def test_decode_stride_refuses_text_outputs() -> None:
             stride=32,
             score_threshold=0.5,
         )
+
+
+# --- degenerate images through the detectors -----------------------------------
+
+
+@pytest.mark.parametrize("spec", ["yunet", "hog"])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 30000), (30000, 2)])
+def test_detectors_take_one_pixel_and_strip_images(
+    spec: str, shape: tuple[int, int]
+) -> None:
+    from facefed.core.detection.registry import create_detector
+
+    image = np.full((*shape, 3), 128, np.uint8)
+    assert create_detector(spec).detect(image) == []

@@ -236,3 +236,13 @@ def test_check_reports_a_bad_file_and_goes_on(
     assert "no bytes" in rows[0]["error"]
     assert rows[1]["is_live"] is True
     assert "No face" in rows[2]["error"]
+
+
+def test_a_non_finite_face_box_is_a_face_error() -> None:
+    from facefed.core.errors import FaceError
+    from facefed.core.liveness import default_checker
+    from facefed.core.types import Face
+
+    face = Face(box=np.full(4, np.nan, np.float32), score=0.9)
+    with pytest.raises(FaceError, match="non-finite"):
+        default_checker().check(np.zeros((100, 100, 3), np.uint8), face)
