@@ -113,12 +113,13 @@ def test_png_text_chunk_bomb_is_refused(portrait: Path) -> None:
         decode_image(data[:33] + bomb + data[33:])
 
 
-def test_animated_webp_gives_its_first_frame(portrait: Path) -> None:
+@pytest.mark.parametrize("fmt", ["WEBP", "PNG"])
+def test_animated_images_give_their_first_frame(portrait: Path, fmt: str) -> None:
     first = Image.open(portrait).convert("RGB")
     mirrored = first.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    webp = io.BytesIO()
-    first.save(webp, "WEBP", save_all=True, append_images=[mirrored], lossless=True)
-    decoded = decode_image(webp.getvalue())
+    animated = io.BytesIO()
+    first.save(animated, fmt, save_all=True, append_images=[mirrored], lossless=True)
+    decoded = decode_image(animated.getvalue())
     assert np.array_equal(decoded, np.asarray(first))
 
 
