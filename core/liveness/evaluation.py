@@ -68,6 +68,9 @@ def short_attack_type(text: str) -> str:
     return text.split("(")[0].strip() or "unspecified"
 
 
+_LABEL_COLUMNS = frozenset({"path", "label", "attack_type", "source"})
+
+
 def load_pad_samples(root: Path, labels: Path) -> list[PadSample]:
     """Read `path,label,attack_type,subject,source` rows of an anti-spoofing set.
 
@@ -80,28 +83,46 @@ def load_pad_samples(root: Path, labels: Path) -> list[PadSample]:
         tight crops.
 
     Raises:
-        ConfigurationError: If a label is neither `live` nor `spoof`.
+        ConfigurationError: If the file cannot be read as UTF-8 CSV, lacks a
+            column, holds no rows, or a label is neither `live` nor `spoof`.
     """
+    try:
+        with open(labels, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ConfigurationError(
+            f"Cannot read the label file {labels}: {error}."
+        ) from None
+    missing = sorted(_LABEL_COLUMNS - set(rows[0] if rows else ()))
+    if not rows or missing:
+        raise ConfigurationError(
+            f"The label file {labels} holds no rows with the columns "
+            f"{', '.join(sorted(_LABEL_COLUMNS))}"
+            + (f" (missing: {', '.join(missing)})." if rows else ".")
+        )
     samples = []
-    with open(labels, newline="") as handle:
-        for row in csv.DictReader(handle):
-            label = row["label"].strip()
-            if label not in ("live", "spoof"):
-                raise ConfigurationError(
-                    f"Unknown label {label!r} for {row['path']} in {labels}; "
-                    "expected live or spoof."
-                )
-            kind: SampleKind = "frame" if row["source"] == "silent_face" else "crop"
-            samples.append(
-                PadSample(
-                    path=root / row["path"],
-                    live=label == "live",
-                    attack_type=""
-                    if label == "live"
-                    else short_attack_type(row["attack_type"]),
-                    kind=kind,
-                )
+    for row in rows:
+        if any(row.get(column) is None for column in _LABEL_COLUMNS):
+            raise ConfigurationError(
+                f"A row of {labels} has too few fields: {row.get('path')!r}."
             )
+        label = row["label"].strip()
+        if label not in ("live", "spoof"):
+            raise ConfigurationError(
+                f"Unknown label {label!r} for {row['path']} in {labels}; "
+                "expected live or spoof."
+            )
+        kind: SampleKind = "frame" if row["source"] == "silent_face" else "crop"
+        samples.append(
+            PadSample(
+                path=root / row["path"],
+                live=label == "live",
+                attack_type=""
+                if label == "live"
+                else short_attack_type(row["attack_type"]),
+                kind=kind,
+            )
+        )
     return samples
 
 

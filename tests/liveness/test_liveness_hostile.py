@@ -246,3 +246,29 @@ def test_a_non_finite_face_box_is_a_face_error() -> None:
     face = Face(box=np.full(4, np.nan, np.float32), score=0.9)
     with pytest.raises(FaceError, match="non-finite"):
         default_checker().check(np.zeros((100, 100, 3), np.uint8), face)
+
+
+# --- eval liveness label files -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"garbage,,,\n", "holds no rows"),
+        (b"path,label\nx.jpg,live\n", "missing: attack_type, source"),
+        (b"path,label,attack_type,source\nx.jpg\n", "too few fields"),
+        (b"\xff\xfe\x00garbage", "Cannot read the label file"),
+    ],
+)
+def test_bad_label_files_are_refused_and_write_nothing(
+    app, tmp_path: Path, content: bytes, match: str
+) -> None:
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "antispoof_labels.csv").write_bytes(content)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app, ["eval", "liveness", "--data", str(tmp_path), "--out", str(out)]
+    )
+    assert isinstance(result.exception, ConfigurationError), repr(result.exception)
+    assert match in str(result.exception)
+    assert not out.exists()
