@@ -179,9 +179,10 @@ def _face_json(face: "Face") -> dict[str, Any]:
 
 def _print_table(detector_name: str, results: list[dict[str, Any]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"Faces found by {detector_name}")
+    table = Table(title=f"Faces found by {escape(detector_name)}")
     for column in (
         "image",
         "face",
@@ -191,18 +192,20 @@ def _print_table(detector_name: str, results: list[dict[str, Any]]) -> None:
     ):
         table.add_column(column)
     for result in results:
+        # File names and messages are text, not rich markup: "[/x].jpg" is a
+        # valid file name.
+        name = escape(Path(result["image"]).name)
         if "error" in result:
-            table.add_row(Path(result["image"]).name, "-", result["error"], "", "")
+            table.add_row(name, "-", escape(result["error"]), "", "")
             continue
         if not result["faces"]:
-            table.add_row(Path(result["image"]).name, "0", "no face", "", "")
+            table.add_row(name, "0", "no face", "", "")
         for number, face in enumerate(result["faces"], start=1):
             eyes = ""
             if "landmarks" in face:
                 (lx, ly), (rx, ry) = face["landmarks"][:2]
                 eyes = f"({lx:.0f}, {ly:.0f}) ({rx:.0f}, {ry:.0f})"
             box = ", ".join(f"{v:.0f}" for v in face["box"])
-            name = Path(result["image"]).name
             table.add_row(name, str(number), box, f"{face['score']:.3f}", eyes)
     Console().print(table)
 

@@ -38,6 +38,7 @@ def check(
     then that of the first such error (3: image, 4: no face).
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from facefed.core.errors import FaceError, FacefedError, ImageError
@@ -72,7 +73,7 @@ def check(
             if as_json:
                 typer.echo(json.dumps({"image": str(path), "error": str(error)}))
             else:
-                table.add_row(path.name, "[red]error[/red]", "", "", "")
+                table.add_row(escape(path.name), "[red]error[/red]", "", "", "")
                 refusals.append(f"{path.name}: {error}")
             continue
         if as_json:
@@ -90,7 +91,7 @@ def check(
             )
             continue
         table.add_row(
-            path.name,
+            escape(path.name),
             "yes" if result.is_live else "[red]no[/red]",
             f"{result.score:.3f}",
             f"{result.cues['network']:.3f}",

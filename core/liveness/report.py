@@ -176,7 +176,14 @@ def write_outputs(
     root: Path | None = None,
 ) -> dict[str, Path]:
     """Write the JSON report, the per-sample CSV and the DET curve PNG."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from facefed.core.errors import ConfigurationError
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"Cannot create the folder {out_dir}: {error.strerror or error}."
+        ) from None
     curves = {}
     for name, scored in runs.items():
         live, attacks = split_scores(scored)
@@ -217,6 +224,23 @@ def _jsonable(value: object) -> object:
     return str(value)
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse, before the minute of scoring, an output folder that cannot be one.
+
+    Raises:
+        ConfigurationError: The path or a parent of it is a file.
+    """
+    from facefed.core.errors import ConfigurationError
+
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigurationError(
+            f"--out {out_dir} cannot be a folder: {existing} is a file."
+        )
+
+
 def run_evaluation(
     data: Path,
     labels: Path,
@@ -250,6 +274,7 @@ def run_evaluation(
     if not labels.is_file():
         raise ConfigurationError(f"There is no label file at {labels}.")
     samples = load_pad_samples(data, labels)
+    _check_out_dir(out_dir)
     frames = [s for s in samples if s.kind == "frame"]
     crops = [s for s in samples if s.kind == "crop"]
     checker = default_checker()

@@ -373,3 +373,18 @@ def test_detectors_take_one_pixel_and_strip_images(
 
     image = np.full((*shape, 3), 128, np.uint8)
     assert create_detector(spec).detect(image) == []
+
+
+def test_file_names_are_shown_as_text_not_markup(
+    app, portrait: Path, tmp_path: Path
+) -> None:
+    styled = tmp_path / "[red]photo.jpg"
+    styled.write_bytes(portrait.read_bytes())
+    (tmp_path / "d[").mkdir()
+    missing = tmp_path / "d[" / "x].jpg"  # the path holds "[/x]", a closing tag
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(
+        app, ["detect", str(styled), str(missing)]
+    )
+    assert result.exit_code == 3, result.output
+    assert "[red]photo.jpg" in result.stdout
+    assert "d[/x].jpg" in result.stdout

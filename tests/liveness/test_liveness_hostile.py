@@ -272,3 +272,27 @@ def test_bad_label_files_are_refused_and_write_nothing(
     assert isinstance(result.exception, ConfigurationError), repr(result.exception)
     assert match in str(result.exception)
     assert not out.exists()
+
+
+def test_eval_out_onto_a_file_is_refused_before_scoring(
+    app, tmp_path: Path, monkeypatch
+) -> None:
+    from facefed.core.liveness import report
+
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "antispoof_labels.csv").write_text(
+        "path,label,attack_type,source\nx.jpg,live,,webcam\n"
+    )
+    blocker = tmp_path / "report"
+    blocker.write_text("mine")
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scoring started before --out was checked")
+
+    monkeypatch.setattr(report, "score_samples", no_scoring)
+    result = CliRunner().invoke(
+        app, ["eval", "liveness", "--data", str(tmp_path), "--out", str(blocker)]
+    )
+    assert isinstance(result.exception, ConfigurationError), repr(result.exception)
+    assert "is a file" in str(result.exception)
+    assert blocker.read_text() == "mine"
