@@ -587,13 +587,20 @@ def load_challenge_key() -> bytes:
     if settings.challenge_key is not None:
         return _check_key(settings.challenge_key.get_secret_value().encode())
     path = get_core_settings().home / "liveness" / "challenge.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(secrets.token_bytes(32))
-        logger.info("Created a new liveness challenge key in %s", path.parent)
-    return _check_key(path.read_bytes())
+    try:
+        if not path.exists() and not path.is_symlink():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+            logger.info("Created a new liveness challenge key in %s", path.parent)
+        key = path.read_bytes()
+    except OSError as error:
+        raise ConfigurationError(
+            f"Cannot read or create the challenge key {path}: "
+            f"{error.strerror or error}."
+        ) from None
+    return _check_key(key)
 
 
 def default_nonce_store() -> FileNonceStore:

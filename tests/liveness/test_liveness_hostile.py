@@ -296,3 +296,32 @@ def test_eval_out_onto_a_file_is_refused_before_scoring(
     assert isinstance(result.exception, ConfigurationError), repr(result.exception)
     assert "is a file" in str(result.exception)
     assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("blocker", ["folder", "dangling link"])
+def test_an_unusable_challenge_key_file_is_a_configuration_error(
+    tmp_path: Path, monkeypatch, blocker: str
+) -> None:
+    from facefed.core.liveness.challenge import load_challenge_key
+    from facefed.core.liveness.settings import get_liveness_settings
+    from facefed.core.settings import get_core_settings
+
+    key_path = tmp_path / "liveness" / "challenge.key"
+    key_path.parent.mkdir()
+    if blocker == "folder":
+        key_path.mkdir()
+    else:
+        key_path.symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setenv("FACEFED_HOME", str(tmp_path))
+    monkeypatch.delenv("FACEFED_LIVENESS_CHALLENGE_KEY", raising=False)
+    get_core_settings.cache_clear()
+    get_liveness_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigurationError, match="challenge key"):
+            load_challenge_key()
+    finally:
+        monkeypatch.undo()
+        get_core_settings.cache_clear()
+        get_liveness_settings.cache_clear()
+    # Nothing was written through the link.
+    assert not (tmp_path / "elsewhere").exists()
