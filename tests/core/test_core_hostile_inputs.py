@@ -388,3 +388,29 @@ def test_file_names_are_shown_as_text_not_markup(
     assert result.exit_code == 3, result.output
     assert "[red]photo.jpg" in result.stdout
     assert "d[/x].jpg" in result.stdout
+
+
+# --- logic: the quality gate's yaw against solvePnP on real turned faces --------
+
+
+@pytest.mark.parametrize("spec", ["yunet", "hog"])
+def test_five_point_yaw_follows_solvepnp_on_turned_faces(
+    test_data: Path, spec: str
+) -> None:
+    from facefed.core.detection.registry import create_detector
+    from facefed.core.liveness.landmarks import measure_face
+    from facefed.core.quality import estimate_pose
+
+    detector = create_detector(spec)
+    folder = test_data / "liveness"
+    # 0003: the subject turned to her left (face towards the image's right),
+    # 0018: to her right; 0007 is near-frontal.
+    expected_sign = {"0003": 1, "0018": -1, "0007": 0}
+    for number, sign in expected_sign.items():
+        image = decode_image(folder / f"Amelie_Mauresmo_{number}.jpg")
+        face = max(detector.detect(image), key=lambda f: f.width * f.height)
+        five_point = estimate_pose(face.landmarks).yaw
+        reference = measure_face(image, face).yaw  # 68 points + solvePnP
+        assert abs(five_point - reference) < 12, (number, five_point, reference)
+        if sign:
+            assert np.sign(five_point) == sign and abs(five_point) > 12
