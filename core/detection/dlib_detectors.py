@@ -188,6 +188,10 @@ class DlibHogDetector(_DlibDetector):
         ]
 
 
+# Thinner network inputs make dlib's MMOD network fail (seen below 10 px).
+_CNN_MIN_SIDE = 16
+
+
 class DlibCnnDetector(_DlibDetector):
     """dlib's MMOD CNN face detector (slow on CPU; use for hard poses)."""
 
@@ -211,6 +215,10 @@ class DlibCnnDetector(_DlibDetector):
     def _run(
         self, image: ImageArray
     ) -> list[tuple[tuple[float, float, float, float], float]]:
+        if min(image.shape[:2]) < _CNN_MIN_SIDE:
+            # dlib's pyramid raises a bare RuntimeError on images this thin;
+            # the 80-pixel MMOD window cannot find a face in them anyway.
+            return []
         found = self._detector(image, self.upsample)
         return [
             (

@@ -5,6 +5,7 @@ prints as one line and turns into its exit code) and must leave nothing
 behind: no output folder, no half-written file.
 """
 
+import functools
 import io
 import os
 import struct
@@ -364,15 +365,21 @@ def test_decode_stride_refuses_text_outputs() -> None:
 # --- degenerate images through the detectors -----------------------------------
 
 
-@pytest.mark.parametrize("spec", ["yunet", "hog"])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 30000), (30000, 2)])
+@pytest.mark.parametrize("spec", ["yunet", "hog", "cnn"])
+@pytest.mark.parametrize("shape", [(1, 1), (9, 9), (1, 30000), (30000, 2)])
 def test_detectors_take_one_pixel_and_strip_images(
     spec: str, shape: tuple[int, int]
 ) -> None:
+    image = np.full((*shape, 3), 128, np.uint8)
+    assert _detector(spec).detect(image) == []
+
+
+@functools.cache
+def _detector(spec: str):
+    """One detector per spec for the whole module (dlib's models load slowly)."""
     from facefed.core.detection.registry import create_detector
 
-    image = np.full((*shape, 3), 128, np.uint8)
-    assert create_detector(spec).detect(image) == []
+    return create_detector(spec)
 
 
 def test_file_names_are_shown_as_text_not_markup(
@@ -397,11 +404,10 @@ def test_file_names_are_shown_as_text_not_markup(
 def test_five_point_yaw_follows_solvepnp_on_turned_faces(
     test_data: Path, spec: str
 ) -> None:
-    from facefed.core.detection.registry import create_detector
     from facefed.core.liveness.landmarks import measure_face
     from facefed.core.quality import estimate_pose
 
-    detector = create_detector(spec)
+    detector = _detector(spec)
     folder = test_data / "liveness"
     # 0003: the subject turned to her left (face towards the image's right),
     # 0018: to her right; 0007 is near-frontal.
