@@ -253,11 +253,34 @@ class PrivacyLedger:
                     f"The ledger {self.path} has format {document.get('format')!r}, "
                     f"expected {LEDGER_FORMAT}."
                 )
-            return [LedgerEntry(**item) for item in document["runs"]]
+            entries = [LedgerEntry(**item) for item in document["runs"]]
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
             raise LedgerError(
                 f"The ledger {self.path} cannot be read: {error}."
             ) from error
+        self._check_entries(entries)
+        return entries
+
+    def _check_entries(self, entries: list[LedgerEntry]) -> None:
+        """Refuse an edited or damaged ledger rather than under-count its runs.
+
+        A run with negative steps, a string sample rate or a foreign site id
+        would otherwise count as no spending at all: a silent budget reset.
+        """
+        seen: set[tuple[str, str]] = set()
+        for number, entry in enumerate(entries, start=1):
+            try:
+                _check_entry(entry)
+            except ConfigurationError as error:
+                raise LedgerError(
+                    f"The ledger {self.path} is damaged at run {number}: {error}"
+                ) from error
+            if (entry.site_id, entry.run_id) in seen:
+                raise LedgerError(
+                    f"The ledger {self.path} records run {entry.run_id!r} of site "
+                    f"{entry.site_id!r} twice."
+                )
+            seen.add((entry.site_id, entry.run_id))
 
     def _save(self, entries: list[LedgerEntry]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -388,19 +411,39 @@ class PrivacyLedger:
             ]
             after = epsilon_from_history(history, delta=delta, accountant=accountant)
         else:
-            if not _is_number(planned_epsilon) or planned_epsilon < 0:
+            # `not >= 0` also refuses NaN, which passes every `>` comparison.
+            if not _is_number(planned_epsilon) or not planned_epsilon >= 0:
                 raise ConfigurationError(
                     f"planned_epsilon must be a number >= 0, got {planned_epsilon!r}."
                 )
             after = self.spent_epsilon(site_id, delta=delta, accountant=accountant)
             after += planned_epsilon
         spent_already = planned_run is None and planned_epsilon == 0
-        if after > budget or (spent_already and after >= budget):
+        if math.isnan(after) or after > budget or (spent_already and after >= budget):
             raise PrivacyBudgetExceededError(
                 f"Site {site_id!r} would reach epsilon {after:.3f} at delta {delta:g}, "
                 f"over its budget of {budget:g}."
             )
         return after
+
+
+def _check_entry(entry: LedgerEntry) -> None:
+    """Check a loaded run's fields as `record_run` checked them when writing."""
+    _check_id("site_id", entry.site_id)
+    _check_id("run_id", entry.run_id)
+    _check_positive("noise_multiplier", entry.noise_multiplier)
+    _check_sample_rate(entry.sample_rate)
+    _check_steps(entry.steps)
+    if not _is_number(entry.delta) or not 0 < entry.delta < 1:
+        raise ConfigurationError(f"delta must be in (0, 1), got {entry.delta!r}.")
+    _check_accountant(entry.accountant)
+    # An infinite epsilon is a legitimate (useless) run; NaN or < 0 is not.
+    if not _is_number(entry.epsilon) or not entry.epsilon >= 0:
+        raise ConfigurationError(f"epsilon must be >= 0, got {entry.epsilon!r}.")
+    if not isinstance(entry.recorded_at, str):
+        raise ConfigurationError(
+            f"recorded_at must be an ISO 8601 string, got {entry.recorded_at!r}."
+        )
 
 
 def _check_id(name: str, value: Any) -> None:

@@ -152,6 +152,9 @@ class ProtectedTemplate:
 def _check_model_id(model_id: Any) -> None:
     if not isinstance(model_id, str) or not model_id.strip():
         raise TemplateError(f"A model id must be a non-empty string, got {model_id!r}.")
+    if not model_id.isprintable():
+        # Control characters (NUL above all) cannot be stored or logged safely.
+        raise TemplateError(f"A model id must be printable text, got {model_id!r}.")
     if len(model_id) > MAX_MODEL_ID_LENGTH:
         raise TemplateError(
             f"A model id of {len(model_id)} characters exceeds the limit of "

@@ -41,9 +41,14 @@ class BodyLimitMiddleware:
         self.max_large_bytes = max_large_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Check the declared length, then count the streamed bytes."""
+        """Check the URL and declared length, then count the streamed bytes."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if _url_has_nul(scope):
+            await _refuse(
+                send, 422, "invalid_request", "The URL contains a NUL character."
+            )
             return
         limit = (
             self.max_large_bytes
@@ -55,19 +60,32 @@ class BodyLimitMiddleware:
                 await _too_large(send, limit)
                 return
         received = 0
+        exceeded = False
+        started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    exceeded = True
                     raise _BodyTooLargeError
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLargeError:
+        async def guarded_send(message: Message) -> None:
+            # FastAPI turns an error raised while it parses a JSON body into
+            # its own 400; once the body was cut short, drop that answer and
+            # send the 413 below instead.
+            nonlocal started
+            if exceeded and not started:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        with contextlib.suppress(_BodyTooLargeError):
+            await self.app(scope, limited_receive, guarded_send)
+        if exceeded and not started:
             await _too_large(send, limit)
 
 
@@ -75,16 +93,29 @@ class _BodyTooLargeError(Exception):
     pass
 
 
+def _url_has_nul(scope: Scope) -> bool:
+    """Whether the path or query string holds a NUL (raw or percent-encoded).
+
+    PostgreSQL text cannot store U+0000: such an id would fail in the driver.
+    """
+    query = scope.get("query_string", b"").lower()
+    return "\x00" in scope["path"] or b"%00" in query or b"\x00" in query
+
+
 async def _too_large(send: Send, limit: int) -> None:
+    await _refuse(
+        send, 413, "body_too_large", f"The request body exceeds {limit} bytes."
+    )
+
+
+async def _refuse(send: Send, status: int, code: str, message: str) -> None:
     import json
 
-    body = json.dumps(
-        error_body("body_too_large", f"The request body exceeds {limit} bytes.")
-    ).encode()
+    body = json.dumps(error_body(code, message)).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
+from facefed.core.errors import FacefedError
+
 logger = logging.getLogger(__name__)
+
+
+class AuditBrokenError(FacefedError):
+    """An integrity check failed: the audit chain or a receipt's signature."""
+
+    exit_code = 1
+
 
 admin_app = typer.Typer(
     help="Administer the gallery server directly on its database.",
@@ -114,7 +123,9 @@ def audit_verify() -> None:
     for problem in result.problems:
         typer.echo(problem, err=True)
     typer.echo(f"audit log BROKEN ({result.events} event(s) checked)", err=True)
-    raise typer.Exit(1)
+    # A FacefedError, not typer.Exit: core.cli.main runs the app with
+    # standalone_mode=False, where a typer.Exit code is returned and lost.
+    raise AuditBrokenError("The audit log failed verification.")
 
 
 @admin_app.command("verify-receipt")
@@ -130,4 +141,4 @@ def verify_receipt(
         typer.echo("receipt signature valid")
         return
     typer.echo("receipt signature INVALID", err=True)
-    raise typer.Exit(1)
+    raise AuditBrokenError("The receipt's signature does not verify.")

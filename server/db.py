@@ -290,7 +290,23 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
+    # Overwrite deleted rows instead of leaving them in free pages: erased
+    # subjects' rows and data keys must not linger in the file.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
+
+
+def flush_deleted(engine: Engine) -> None:
+    """Move SQLite's write-ahead log into the database and empty it.
+
+    A deleted row stays in the WAL file until a checkpoint; after an erasure
+    the subject's rows and wrapped data key must leave the disk now, not at
+    some later automatic checkpoint. No-op on other databases.
+    """
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.connect() as connection:
+        connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -70,6 +70,7 @@ from facefed.server.db import (
     Subject,
     Template,
     as_utc,
+    flush_deleted,
     make_engine,
     make_session_factory,
     run_migrations,
@@ -817,6 +818,13 @@ class GalleryService:
             )
         if as_utc(consent.given_at) > utcnow() + timedelta(minutes=5):
             raise ConflictError("The consent's given_at lies in the future.")
+        expires_at = as_utc(consent.given_at) + timedelta(days=consent.retention_days)
+        if expires_at <= utcnow():
+            # Enrolling under a lapsed consent would hold data past its
+            # retention period until the next purge.
+            raise ConflictError(
+                f"The consent's retention period ended at {expires_at.isoformat()}."
+            )
         with session_scope(self.sessions) as session:
             collection = self._collection(session, collection_id)
         return [self._check_template(collection, t) for t in templates], collection
@@ -1129,6 +1137,7 @@ class GalleryService:
                     site_id=site_id,
                     details={"reason": reason, **counts},
                 )
+            flush_deleted(self.engine)
         logger.info("Erased a subject (%s)", reason)
         receipt = {
             "receipt_id": event.event_id,

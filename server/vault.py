@@ -22,7 +22,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from facefed.privacy.envelope import DecryptionError, KeyWrapper, generate_data_key
-from facefed.server.db import make_engine, make_session_factory, session_scope, utcnow
+from facefed.server.db import (
+    flush_deleted,
+    make_engine,
+    make_session_factory,
+    session_scope,
+    utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +120,9 @@ class KeyVault:
             result = session.execute(
                 delete(SubjectKey).where(SubjectKey.subject_id == subject_id)
             )
-            return bool(result.rowcount)
+            existed = bool(result.rowcount)
+        flush_deleted(self.engine)
+        return existed
 
     def subject_ids(self) -> set[str]:
         """Return the ids of every subject that has a key."""

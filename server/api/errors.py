@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facefed.core.errors import (
@@ -79,6 +80,17 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return JSONResponse(
             error_body("invalid_request", f"The request is invalid: {problems}."),
+            status_code=422,
+        )
+
+    @app.exception_handler(DataError)
+    async def _data(_request: Request, error: DataError) -> JSONResponse:
+        # A value the database refuses (out of range, bad text) that the
+        # request models let through: the transaction rolled back, so this is
+        # the client's bad input, not a server fault.
+        logger.warning("The database refused a value: %s", type(error.orig).__name__)
+        return JSONResponse(
+            error_body("invalid_request", "A value is out of the accepted range."),
             status_code=422,
         )
 

@@ -5,7 +5,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from facefed.server.api.deps import KeyHolder, Service
-from facefed.server.api.schemas import CollectionPublic, ProtectionKeySecret
+from facefed.server.api.schemas import (
+    MAX_DB_INT,
+    CollectionPublic,
+    ProtectionKeySecret,
+)
 
 router = APIRouter(tags=["keys"])
 
@@ -16,7 +20,7 @@ def protection_key(
     caller: KeyHolder,
     collection: Annotated[str, Query(max_length=64)] = "default",
     scheme: Annotated[str | None, Query(max_length=64)] = None,
-    version: Annotated[int | None, Query(ge=1)] = None,
+    version: Annotated[int | None, Query(ge=1, le=MAX_DB_INT)] = None,
 ) -> ProtectionKeySecret:
     """The protection key a collection's templates are made with (site key).
 

@@ -3,16 +3,44 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from facefed.core.errors import ProtectionError, TemplateError
 from facefed.privacy.templates import ProtectedTemplate
 
+# The largest value an INTEGER column holds on every supported database
+# (PostgreSQL's int4); a larger one would fail in the driver, not here.
+MAX_DB_INT = 2**31 - 1
+
+KeyVersion = Annotated[StrictInt, Field(ge=1, le=MAX_DB_INT)]
+
+
+def has_nul(value: Any) -> bool:
+    """Whether a string anywhere in `value` holds a NUL character.
+
+    PostgreSQL text cannot store U+0000 (the driver raises), so it is refused
+    at the edge, on every database alike.
+    """
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(has_nul(item) for item in value)
+    return False
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        if has_nul(value):
+            raise ValueError("text may not contain NUL (U+0000) characters")
+        return value
 
 
 class TemplateWire(_Strict):
@@ -20,8 +48,8 @@ class TemplateWire(_Strict):
 
     model_id: str = Field(max_length=128)
     scheme: str = Field(max_length=64)
-    key_version: int
-    dim: int
+    key_version: KeyVersion
+    dim: StrictInt
     data: str = Field(description="base64: little-endian float32, or packed bits")
 
     def parse(self) -> ProtectedTemplate:
@@ -308,7 +336,7 @@ class ProtectionKeySecret(BaseModel):
 class RotationCreate(_Strict):
     """Move a collection to a newer key version."""
 
-    to_version: int = Field(ge=1)
+    to_version: KeyVersion
     transform: dict[str, Any] | None = Field(
         default=None,
         description="`privacy.rotation.RotationTransform.to_wire()` (scheme, "

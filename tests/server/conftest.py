@@ -181,3 +181,28 @@ def raw_wire(
         "dim": dim if dim is not None else int(data.size),
         "data": base64.b64encode(data.astype("<f4").tobytes()).decode(),
     }
+
+
+def expire_consent(settings, subject_id: str) -> None:
+    """Move a subject's consent expiry into the past, as time passing would.
+
+    The server refuses to enroll under a consent that has already lapsed, so
+    tests of the purge enroll under a running consent and then age it.
+    """
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from facefed.server.db import Consent, make_engine, make_session_factory
+    from facefed.server.db import session_scope as scope
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with scope(make_session_factory(engine)) as session:
+            session.execute(
+                update(Consent)
+                .where(Consent.subject_id == subject_id)
+                .values(expires_at=datetime.now(UTC) - timedelta(days=1))
+            )
+    finally:
+        engine.dispose()

@@ -4,7 +4,15 @@ import base64
 
 import numpy as np
 import pytest
-from conftest import DIM, MODEL_ID, consent, raw_wire, unit_vectors, wire
+from conftest import (
+    DIM,
+    MODEL_ID,
+    consent,
+    expire_consent,
+    raw_wire,
+    unit_vectors,
+    wire,
+)
 
 from facefed.server.receipts import verify_receipt
 
@@ -237,22 +245,11 @@ def test_consent_withdrawal_erases(world, lfw):
     assert world.client.get("/v1/health").json()["templates"] == 0
 
 
-def test_purge_expired_consents(world, lfw):
-    from datetime import UTC, datetime, timedelta
-
+def test_purge_expired_consents(world, lfw, settings):
     _, embeddings = lfw
-    old = {
-        "consent": consent(
-            retention_days=1, given_at=datetime.now(UTC) - timedelta(days=2)
-        ),
-        "templates": [wire(world.protection_key, embeddings[0])],
-    }
-    assert (
-        world.client.post(
-            "/v1/subjects", json=old, headers=world.auth(world.site_key)
-        ).status_code
-        == 201
-    )
+    old = enroll(world, [embeddings[0]], ref="old")
+    assert old.status_code == 201
+    expire_consent(settings, old.json()["subject_id"])
     assert enroll(world, [embeddings[5]]).status_code == 201
     purged = world.client.post(
         "/v1/admin/purge-expired", headers=world.auth(world.admin_key)

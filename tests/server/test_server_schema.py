@@ -2,10 +2,17 @@
 
 import re
 import time
-from datetime import UTC, datetime, timedelta
 
 import numpy as np
-from conftest import bootstrap_admin, consent, make_app, setup_world, unit_vectors, wire
+from conftest import (
+    bootstrap_admin,
+    consent,
+    expire_consent,
+    make_app,
+    setup_world,
+    unit_vectors,
+    wire,
+)
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -59,12 +66,16 @@ def test_cli_purge_expired(settings, monkeypatch):
     with TestClient(make_app(settings)) as client:
         world = setup_world(client, admin)
         vector = unit_vectors(np.random.default_rng(0), 1)[0]
-        old = consent(retention_days=1, given_at=datetime.now(UTC) - timedelta(days=3))
-        client.post(
+        enrolled = client.post(
             "/v1/subjects",
-            json={"consent": old, "templates": [wire(world.protection_key, vector)]},
+            json={
+                "consent": consent(),
+                "templates": [wire(world.protection_key, vector)],
+            },
             headers=world.auth(world.site_key),
         )
+        assert enrolled.status_code == 201, enrolled.text
+        expire_consent(settings, enrolled.json()["subject_id"])
     result = _cli(settings, monkeypatch, "admin", "purge-expired")
     assert result.exit_code == 0, result.output
     assert "erased 1 subject" in result.output
@@ -78,14 +89,17 @@ def test_background_task_purges_expired_consents(settings):
     with TestClient(make_app(fast)) as client:
         world = setup_world(client, admin)
         vector = unit_vectors(np.random.default_rng(1), 1)[0]
-        old = consent(retention_days=1, given_at=datetime.now(UTC) - timedelta(days=3))
         enrolled = client.post(
             "/v1/subjects",
-            json={"consent": old, "templates": [wire(world.protection_key, vector)]},
+            json={
+                "consent": consent(),
+                "templates": [wire(world.protection_key, vector)],
+            },
             headers=world.auth(world.site_key),
         )
         assert enrolled.status_code == 201
         subject = enrolled.json()["subject_id"]
+        expire_consent(fast, subject)
         for _ in range(300):  # bounded wait for the task's next run
             export = client.get(
                 f"/v1/subjects/{subject}/export", headers=world.auth(world.admin_key)
