@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -123,6 +124,32 @@ async def _refuse(send: Send, status: int, code: str, message: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+_SUBJECT_IN_URL = re.compile(r"(/v1/subjects/|/verify/|[?&]candidate=)[^/?&\s\"]+")
+
+
+def redact_subject_ids(text: str) -> str:
+    """Replace subject ids in a request line by ``<subject>``.
+
+    Subject ids are pseudonyms: an access log that keeps them would outlive
+    the subject's erasure and link their requests together.
+    """
+    return _SUBJECT_IN_URL.sub(r"\1<subject>", text)
+
+
+class SubjectIdLogFilter(logging.Filter):
+    """A filter for uvicorn's access log that redacts subject ids."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's arguments (uvicorn passes the path as one)."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_subject_ids(arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        record.msg = redact_subject_ids(str(record.msg))
+        return True
 
 
 async def _purge_periodically(service: GalleryService, interval_s: float) -> None:

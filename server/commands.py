@@ -42,7 +42,7 @@ def serve(
     """Run the gallery server (FastAPI under uvicorn)."""
     import uvicorn
 
-    from facefed.server.app import create_app
+    from facefed.server.app import SubjectIdLogFilter, create_app
     from facefed.server.settings import get_server_settings
 
     settings = get_server_settings()
@@ -55,6 +55,7 @@ def serve(
         updates["dev_mode"] = True
     settings = settings.model_copy(update=updates)
     app = create_app(settings)
+    logging.getLogger("uvicorn.access").addFilter(SubjectIdLogFilter())
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 

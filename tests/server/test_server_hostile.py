@@ -268,3 +268,33 @@ def test_second_erasure_and_stale_tokens_change_nothing(world):
         answer = world.client.request(method, path, headers=token)
         assert answer.status_code in (401, 404, 410), answer.text
     assert _state(world) == before
+
+
+def test_access_log_lines_carry_no_subject_id():
+    # uvicorn's access log kept every subject id in its request lines, after
+    # the subject's erasure too; `facefed serve` installs this filter on it.
+    import logging
+
+    from facefed.server.app import SubjectIdLogFilter
+
+    subject = "3240e2e17b3c40c8b8af903b6e69af59"
+    paths = [
+        f"/v1/subjects/{subject}",
+        f"/v1/subjects/{subject}/export",
+        f"/v1/he/contexts/ctx1/verify/{subject}",
+        f"/v1/he/contexts/ctx1/identify?own_site_only=true&candidate={subject}",
+    ]
+    for path in paths:
+        record = logging.LogRecord(
+            "uvicorn.access",
+            logging.INFO,
+            __file__,
+            1,
+            '%s - "%s %s HTTP/%s" %d',
+            ("127.0.0.1:5000", "DELETE", path, "1.1", 200),
+            None,
+        )
+        assert SubjectIdLogFilter().filter(record)
+        line = record.getMessage()
+        assert subject not in line
+        assert "<subject>" in line and line.endswith('HTTP/1.1" 200')
