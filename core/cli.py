@@ -13,6 +13,7 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from facefed.core.errors import FacefedError
 
@@ -57,7 +58,8 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except FacefedError as error:
-        error_console.print(f"[red]error:[/red] {error}")
+        # Messages quote user input (paths, values): never read them as markup.
+        error_console.print("[red]error:[/red]", escape(str(error)))
         sys.exit(error.exit_code)
     except typer.Abort:
         error_console.print("aborted")

@@ -3,8 +3,10 @@
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from facefed.core.errors import ConfigurationError
 
 
 class CoreSettings(BaseSettings):
@@ -37,5 +39,21 @@ class CoreSettings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_core_settings() -> CoreSettings:
-    """Return the process-wide core settings, read once from the environment."""
-    return CoreSettings()
+    """Return the process-wide core settings, read once from the environment.
+
+    Raises:
+        ConfigurationError: When a `FACEFED_*` variable holds an invalid value.
+    """
+    try:
+        return CoreSettings()
+    except ValidationError as invalid:
+        raise ConfigurationError(_describe(invalid)) from None
+
+
+def _describe(invalid: ValidationError) -> str:
+    problems = [
+        f"FACEFED_{'_'.join(str(part) for part in error['loc']).upper()}: "
+        f"{error['msg']}"
+        for error in invalid.errors()
+    ]
+    return "Invalid setting: " + "; ".join(problems) + "."
