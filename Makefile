@@ -30,10 +30,13 @@ test: lint
 benchmarks: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
-# Swaps the CPU builds of onnxruntime and faiss for the GPU ones.
+# Swaps the CPU builds of onnxruntime and faiss for the GPU ones listed in the
+# `gpu` extra (both builds provide the same modules, so they cannot coexist).
+GPU_PACKAGES = $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['gpu']))")
+
 gpu: $(STAMP)
 	$(BIN)/python -m pip uninstall --yes onnxruntime faiss-cpu
-	$(BIN)/python -m pip install --quiet -e '.[dev,gpu]'
+	$(BIN)/python -m pip install --quiet $(GPU_PACKAGES)
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache
