@@ -144,7 +144,10 @@ def verify(
         f"{verdict}: score {result.score:.3f} (threshold {result.threshold:.3f})"
     )
     if not result.match:
-        raise typer.Exit(1)
+        # SystemExit, not typer.Exit: the root command runs Click with
+        # standalone_mode=False, which turns typer.Exit into a return value
+        # that `facefed.core.cli.main` drops.
+        raise SystemExit(1)
 
 
 @site_app.command("erase")

@@ -121,11 +121,11 @@ def _site(state: Path, site: str, *args: str, check: bool = True) -> str:
     return done.stdout
 
 
-def _people(lfw_manifest, test_data: Path, count: int) -> list[tuple[str, list[Path]]]:
+def _people(lfw_manifest, test_data: Path, count: int, embeddings: dict) -> list:
     """The first `count` people whose three photos all pass the site pipeline.
 
     (Some LFW photos are turned too far or look recaptured; a site would take
-    another photo, a test cannot.)
+    another photo, a test cannot.) Their embeddings go to `embeddings`.
     """
     from facefed.core.errors import FaceError
     from facefed.core.image import decode_image
@@ -139,10 +139,10 @@ def _people(lfw_manifest, test_data: Path, count: int) -> list[tuple[str, list[P
     chosen = []
     for name, paths in sorted(photos.items()):
         try:
-            for path in paths:
-                pipeline.embed_one(decode_image(path))
+            found = {p: pipeline.embed_one(decode_image(p)).embedding for p in paths}
         except FaceError:
             continue
+        embeddings.update(found)
         chosen.append((name, sorted(paths)))
         if len(chosen) == count:
             break
@@ -200,7 +200,8 @@ def test_local_topology_enrolls_identifies_trains_one_round_and_erases(
         "purpose": "Entrance access", "lawful_basis": "consent",
         "consent_text_version": "v1", "retention_days": 90,
     }))  # fmt: skip
-    people = _people(lfw_manifest, test_data, 8)
+    embeddings: dict = {}
+    people = _people(lfw_manifest, test_data, 8, embeddings)
     sites = {"site-a": people[0:2], "site-b": people[2:4]}
     heldout = {"site-a": people[4:6], "site-b": people[6:8]}
 
@@ -220,6 +221,26 @@ def test_local_topology_enrolls_identifies_trains_one_round_and_erases(
         for identity, photos in members:
             out = _site(state, other, "identify", str(photos[2]))
             assert f"match: {receipts[identity]['subject_id']}" in out, out
+
+    # Verify (1:1) a claim, and refuse a false one with exit code 1. The false
+    # claim is the enrolled pair least alike (dlib's descriptor does give some
+    # strangers cosines above its threshold; that is its FMR, not this test's).
+    first, first_photos = sites["site-a"][0]
+    claimed = receipts[first]["subject_id"]
+    second_photos = min(
+        (photos for name, photos in people[:4] if name != first),
+        key=lambda photos: max(
+            float(embeddings[photos[2]] @ embeddings[ref]) for ref in first_photos[:2]
+        ),
+    )
+    assert _site(state, "site-a", "verify", str(first_photos[2]), "--subject", claimed
+                 ).startswith("match")  # fmt: skip
+    env_a = {**os.environ, **_read_env(state / "site-a" / "env.sh")}
+    false_claim = subprocess.run(
+        [*facefed_command(), "site", "verify", str(second_photos[2]), "--subject",
+         claimed], env=env_a, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert false_claim.returncode == 1 and false_claim.stdout.startswith("no match")
 
     # One federated round on the deployment engine, with DP, on both sites.
     for site in sites:
