@@ -11,11 +11,18 @@ forms, registered below (importing this module registers them):
   of the normalised weight is G = g^T x_hat (C x d), and the gradient of W is
   G projected off each row's direction and divided by the row's norm,
   (G_c - (G_c . w_hat_c) w_hat_c) / |w_c|.
+
+For Opacus' ghost clipping (per-sample gradient *norms* without the
+per-sample gradients, Li et al., 2022) the head also has a norm sampler:
+its per-sample gradient has rows g_c (x_hat - cos_c w_hat_c) / |w_c|, and
+since x_hat and w_hat_c are unit vectors, |x_hat - cos_c w_hat_c|^2 =
+1 - cos_c^2, so the squared norm is sum_c g_c^2 (1 - cos_c^2) / |w_c|^2:
+batch x classes numbers instead of batch x classes x 128.
 """
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import nn
 
 from facefed.client.federated.training import CosineClassifier
@@ -50,3 +57,18 @@ def cosine_grad_sample(
     outer = torch.einsum("nc,nd->ncd", backprops, inputs)
     radial = torch.einsum("ncd,cd->nc", outer, unit)
     return {layer.weight: (outer - radial[..., None] * unit) / norms}
+
+
+@register_norm_sampler(CosineClassifier)
+def cosine_norm_sample(
+    layer: CosineClassifier, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms of the cosine head's class centres."""
+    if not layer.weight.requires_grad:
+        return {}
+    inputs = F.normalize(activations[0].to(backprops.dtype), dim=1)
+    weight = layer.weight.detach()
+    norms = weight.norm(dim=1).clamp_min(1e-12)
+    cosine = inputs @ (weight / norms[:, None]).T
+    squared = (backprops**2 * (1.0 - cosine**2).clamp_min(0.0)) / norms**2
+    return {layer.weight: squared.sum(dim=1).sqrt()}

@@ -20,6 +20,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from facefed.client.federated.config import TrainingConfig
 from facefed.core.errors import ConfigurationError
+
+Reduction = Literal["mean", "none"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +76,12 @@ class CosineClassifier(nn.Module):
 
 
 def arcface_loss(
-    cosine: torch.Tensor, labels: torch.Tensor, *, scale: float, margin: float
+    cosine: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    scale: float,
+    margin: float,
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """ArcFace loss: cross-entropy of s*cos(theta + m) on the target class.
 
@@ -82,12 +90,14 @@ def arcface_loss(
         labels: Class index of each row (N,).
         scale: Feature scale s.
         margin: Additive angular margin m in radians.
+        reduction: "mean" over the batch, or "none" for each sample's loss.
 
     Returns:
-        The mean loss over the batch (a scalar; zero for an empty batch).
+        The mean loss over the batch (a scalar; zero for an empty batch), or
+        the (N,) per-sample losses.
     """
     if cosine.shape[0] == 0:
-        return cosine.sum() * 0.0
+        return cosine.sum() * 0.0 if reduction == "mean" else cosine.sum(dim=1)
     target = cosine.gather(1, labels[:, None]).clamp(-1 + 1e-6, 1 - 1e-6)
     theta = torch.acos(target)
     # Past pi - m, cos(theta + m) stops decreasing; use the linear fallback of
@@ -98,7 +108,47 @@ def arcface_loss(
         target - margin * math.sin(margin),
     )
     logits = cosine.scatter(1, labels[:, None], with_margin)
-    return F.cross_entropy(scale * logits, labels)
+    return F.cross_entropy(scale * logits, labels, reduction=reduction)
+
+
+class SiteLoss(nn.Module):
+    """The site's loss, per sample or averaged, as Opacus' ghost clipping needs it.
+
+    Opacus' fast gradient clipping (``grad_sample_mode="ghost"``) calls the
+    criterion with ``reduction = "none"`` to get each sample's loss, backpropagates
+    once for the per-sample gradient norms, then a second time with each
+    sample's loss scaled by its clipping factor (Li et al., 2022, "Large
+    Language Models Can Be Strong Differentially Private Learners").
+
+    Args:
+        config: The run's configuration (ArcFace scale and margin, compat term).
+    """
+
+    def __init__(self, config: TrainingConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.reduction: Reduction = "mean"
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        cosine: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """ArcFace loss plus, with ``compat="l2"``, the compatibility term."""
+        losses = arcface_loss(
+            cosine,
+            labels,
+            scale=self.config.arcface_scale,
+            margin=self.config.arcface_margin,
+            reduction="none",
+        )
+        if self.config.compat == "l2" and labels.numel():
+            losses = losses + self.config.compat_weight * compatibility_loss(
+                embeddings, targets, reduction="none"
+            )
+        return losses.mean() if self.reduction == "mean" else losses
 
 
 class _TopWithHead(nn.Module):
@@ -221,14 +271,21 @@ def dp_train(
         # Opacus warns about secure_mode on every call; said once above.
         warnings.simplefilter("ignore", UserWarning)
         engine = PrivacyEngine(accountant=config.accountant, secure_mode=False)
-        private_model, private_optimizer, private_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=config.max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=generator,
+        # Ghost clipping: per-sample gradient norms in closed form (Opacus'
+        # for the projection, `grad_samplers` for the head), never the
+        # per-sample gradients themselves, whose size is batch x parameters.
+        private_model, private_optimizer, criterion, private_loader = (
+            engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                criterion=SiteLoss(config),
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=config.max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=generator,
+                grad_sample_mode="ghost",
+            )
         )
 
     steps, total_loss = 0, 0.0
@@ -241,7 +298,7 @@ def dp_train(
                 private_model,
                 private_optimizer,
                 private_loader,
-                config,
+                criterion,
                 steps,
                 total_loss,
                 on_step,
@@ -262,7 +319,7 @@ def _epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
-    config: TrainingConfig,
+    criterion: Callable[..., torch.Tensor],
     steps: int,
     total_loss: float,
     on_step: Callable[[int, float], None] | None,
@@ -270,16 +327,7 @@ def _epoch(
     for batch_features, batch_labels, batch_targets in loader:
         optimizer.zero_grad(set_to_none=True)
         embeddings, cosine = model(batch_features)
-        loss = arcface_loss(
-            cosine,
-            batch_labels,
-            scale=config.arcface_scale,
-            margin=config.arcface_margin,
-        )
-        if config.compat == "l2" and batch_labels.numel():
-            loss = loss + config.compat_weight * compatibility_loss(
-                embeddings, batch_targets
-            )
+        loss = criterion(embeddings, cosine, batch_labels, batch_targets)
         loss.backward()
         optimizer.step()
         steps += 1
@@ -289,8 +337,10 @@ def _epoch(
     return steps, total_loss
 
 
-def compatibility_loss(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Mean cosine distance between new embeddings and the parent model's.
+def compatibility_loss(
+    new: torch.Tensor, old: torch.Tensor, *, reduction: Reduction = "mean"
+) -> torch.Tensor:
+    """Cosine distance between new embeddings and the parent model's (mean or each).
 
     This is the L2 form (on unit vectors, |a - b|^2 = 2 - 2 cos) of the
     backward-compatible training idea of Shen et al., 2020 ("Towards
@@ -298,7 +348,8 @@ def compatibility_loss(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     embedding of a sample near where the old model put it, so probes from the
     new model still match templates enrolled with the old one.
     """
-    return (1.0 - F.cosine_similarity(new, old, dim=1)).mean()
+    distances = 1.0 - F.cosine_similarity(new, old, dim=1)
+    return distances.mean() if reduction == "mean" else distances
 
 
 def _unwrap(private_model: nn.Module) -> None:

@@ -29,7 +29,7 @@ class TrainingRunCreate(BaseModel):
     rounds: Annotated[int, Field(ge=1, le=1000)] = 5
     target_epsilon: Annotated[float, Field(gt=0, le=100)] = 8.0
     target_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
-    trainable_blocks: Annotated[int, Field(ge=1, le=6)] = 2
+    trainable_blocks: Annotated[int, Field(ge=1, le=6)] = 1
     compat: Literal["none", "l2"] = "none"
     parent_model: str = ""
 

@@ -254,8 +254,14 @@ def eval_federated_scenario(
         "../shared/data"
     ),
     photos_per_site: Annotated[
-        int, typer.Option(help="Training photos per site.")
-    ] = 200,
+        int, typer.Option(help="Training photos per site at most (0: all).")
+    ] = 0,
+    photos_per_identity: Annotated[
+        int, typer.Option(help="Training photos per identity at most.")
+    ] = 20,
+    pairs_per_site: Annotated[
+        int, typer.Option(help="Held-out pairs per site (600: the whole fold).")
+    ] = 600,
     seed: Annotated[int, typer.Option(help="Seed of the degradations.")] = 0,
 ) -> None:
     """Build the 3-site degraded-camera LFW scenario (see README)."""
@@ -267,6 +273,8 @@ def eval_federated_scenario(
         shared_data,
         out,
         photos_per_site=photos_per_site,
+        photos_per_identity=photos_per_identity,
+        pairs_per_site=pairs_per_site,
         rng=np.random.default_rng(seed),
     )
     for folder in scenario.sites:

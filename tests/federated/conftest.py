@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from facefed.client.federated.store import HELDOUT_DIR, SiteDataStore
 
@@ -70,3 +71,29 @@ def sites(_cached_sites, tmp_path) -> list[Path]:
         shutil.copytree(site, target)
         copies.append(target)
     return copies
+
+
+@pytest.fixture
+def admin_client(tmp_path):
+    """A test client of the server app holding an admin API key."""
+    from facefed.privacy.envelope import encode_master_key
+    from facefed.server.app import create_app
+    from facefed.server.service import GalleryService
+    from facefed.server.settings import ServerSettings
+
+    settings = ServerSettings(
+        home=tmp_path / "server-home",
+        database_url=f"sqlite:///{tmp_path / 'server.db'}",
+        master_key=encode_master_key(bytes(range(32))),
+        purge_interval_s=0,
+        use_gpu=False,
+    )
+    service = GalleryService(settings)
+    service.start()
+    try:
+        _, admin_key = service.create_api_key("test", role="admin", site_id=None)
+    finally:
+        service.close()
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {admin_key}"
+        yield client

@@ -14,7 +14,7 @@ import torch
 
 from facefed.client.federated.config import TrainingConfig
 from facefed.client.federated.model import SplitNetwork, load_network
-from facefed.server.federated.runner import read_progress, start_simulation
+from facefed.server.federated.runner import read_progress
 
 ALLOWED_METRICS = {
     "num-examples",
@@ -62,7 +62,9 @@ def _assert_only_shared_arrays_and_metrics(run_dir: Path, site_names: set[str]):
         assert site["values"]["site"] in site_names
 
 
-def _assert_model_changed_and_epsilon(run_dir: Path, sites: list[Path], rounds: int):
+def _assert_model_changed_and_epsilon(
+    run_dir: Path, sites: list[Path], rounds: int, budget: float = 8.0
+):
     model_dir = run_dir / "model"
     summary = json.loads((model_dir / "training.json").read_text())
     weights = torch.load(model_dir / "weights.pt", weights_only=True)
@@ -70,7 +72,7 @@ def _assert_model_changed_and_epsilon(run_dir: Path, sites: list[Path], rounds: 
     changed = [k for k in base if not torch.equal(base[k], weights[k])]
     assert changed and set(changed) <= set(summary["shared_layers"])
     for site in sites:
-        assert 0 < summary["epsilon"][site.name] <= 8.0
+        assert 0 < summary["epsilon"][site.name] <= budget
         ledger = json.loads((site / ".facefed" / "ledger.json").read_text())
         assert len(ledger["runs"]) == rounds
     onnx = list(model_dir.glob("facefed-ft-*.onnx"))
@@ -81,30 +83,46 @@ def _assert_model_changed_and_epsilon(run_dir: Path, sites: list[Path], rounds: 
 
 
 @pytest.mark.slow
-def test_simulation_run_with_a_failing_site(sites, tmp_path):
-    run_dir = tmp_path / "run"
-    config = TrainingConfig(
-        num_rounds=2,
-        site_dirs=(*[str(s) for s in sites], str(tmp_path / "site-that-fails")),
-        batch_size=8,
-        min_sites=3,
-        min_fit_fraction=0.6,
-        run_dir=str(run_dir),
-        round_timeout=240,
-    )
-    process = start_simulation(config, num_sites=3)
-    process.join(timeout=420)
-    if process.is_alive():
-        process.kill()
-        process.join(10)
-        pytest.fail("the simulation did not finish in 420 s")
-    assert process.exitcode == 0, read_progress(run_dir)
+def test_simulation_run_through_the_api_with_a_failing_site(
+    admin_client, sites, tmp_path
+):
+    """Two rounds on the simulation engine, started and followed through the API.
 
+    A third site with no usable photo fails every round: the rounds are
+    aggregated from the two others (3 sampled, 2 replies >= min-fit-fraction).
+    """
+    from facefed.server.federated.runs import runs_dir
+
+    failing = tmp_path / "site-that-fails"
+    failing.mkdir()
+    started = admin_client.post(
+        "/v1/training/runs",
+        json={
+            "sites": [*map(str, sites), str(failing)],
+            "rounds": 2,
+            "target_epsilon": 6.0,
+            "trainable_blocks": 1,
+        },
+    )
+    assert started.status_code == 201, started.text
+    run_id = started.json()["id"]
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        run = admin_client.get(f"/v1/training/runs/{run_id}").json()
+        if run["status"] != "running":
+            break
+        time.sleep(2)
+    assert run["status"] == "finished", run
+    assert run["current_round"] == 2
+    assert set(run["epsilon"]) == {s.name for s in sites}
+    assert all(0 < e <= 6.0 for e in run["epsilon"].values())
+    assert set(run["metrics"]) == {s.name for s in sites}
+
+    run_dir = runs_dir() / run_id
     progress = read_progress(run_dir)
-    assert progress.status == "finished"
-    assert progress.round == 2
-    assert set(progress.epsilon) == {s.name for s in sites}
-    _assert_model_changed_and_epsilon(run_dir, sites, rounds=2)
+    assert progress.status == "finished" and progress.round == 2
+    summary = _assert_model_changed_and_epsilon(run_dir, sites, rounds=2, budget=6.0)
+    assert summary["model_id"] == run["model_version_id"]
     _assert_only_shared_arrays_and_metrics(run_dir, {s.name for s in sites})
     # The third site failed in every round without failing the rounds.
     errors = [
@@ -113,6 +131,16 @@ def test_simulation_run_with_a_failing_site(sites, tmp_path):
         if '"error"' in line
     ]
     assert {(e["round"], e["phase"]) for e in errors} >= {(1, "train"), (2, "train")}
+
+    models = admin_client.get("/v1/models").json()
+    assert [m["id"] for m in models] == [run["model_version_id"]]
+    promoted = admin_client.post(
+        f"/v1/models/{run['model_version_id']}/promote", json={"collection": "lab"}
+    )
+    assert promoted.status_code == 200, promoted.text
+    assert promoted.json()["status"] == "promoted"
+    again = admin_client.post(f"/v1/training/runs/{run_id}/cancel")
+    assert again.status_code == 409
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """DP-SGD on the shared top: what changes, what stays frozen, what is accounted."""
 
+import copy
 import math
 
 import numpy as np
@@ -145,3 +146,75 @@ def test_closed_form_per_sample_gradients_match_opacus_functorch():
             torch.testing.assert_close(
                 got.grad_sample, expected.grad_sample, rtol=1e-4, atol=1e-4
             )
+
+
+def test_head_norm_sampler_matches_the_norms_of_its_per_sample_gradients():
+    from facefed.client.federated.grad_samplers import (
+        cosine_grad_sample,
+        cosine_norm_sample,
+    )
+
+    generator = torch.Generator().manual_seed(5)
+    head = CosineClassifier(16, 7, generator=generator)
+    with torch.no_grad():
+        head.weight.mul_(1.0 + torch.rand(7, 1, generator=generator))
+    inputs = [torch.randn(9, 16, generator=generator)]
+    backprops = torch.randn(9, 7, generator=generator)
+    per_sample = cosine_grad_sample(head, inputs, backprops)[head.weight]
+    norms = cosine_norm_sample(head, inputs, backprops)[head.weight]
+    torch.testing.assert_close(norms, per_sample.flatten(1).norm(dim=1))
+
+
+def test_ghost_clipped_step_equals_clipping_each_sample_by_hand():
+    """Ghost clipping (two backward passes, norms only) = clip-then-sum, no noise."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from facefed.client.federated.training import SiteLoss, _TopWithHead
+
+    generator = torch.Generator().manual_seed(11)
+    features = torch.randn(6, 10, generator=generator)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    targets = torch.randn(6, 4, generator=generator)
+    config = TrainingConfig(max_grad_norm=0.05, compat="l2")
+    top = torch.nn.Linear(10, 4, bias=False)
+    head = CosineClassifier(4, 3, generator=generator)
+    reference = _TopWithHead(copy.deepcopy(top), copy.deepcopy(head))
+
+    model = _TopWithHead(top, head)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loader = DataLoader(TensorDataset(features, labels, targets), batch_size=6)
+    private, private_optimizer, criterion, _ = PrivacyEngine().make_private(
+        module=model,
+        optimizer=optimizer,
+        criterion=SiteLoss(config),
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=config.max_grad_norm,
+        poisson_sampling=False,
+        grad_sample_mode="ghost",
+    )
+    private_optimizer.zero_grad()
+    criterion(*private(features), labels, targets).backward()
+    private_optimizer.step()
+
+    loss_fn = SiteLoss(config)
+    summed = [torch.zeros_like(p) for p in reference.parameters()]
+    factors = []
+    for index in range(6):
+        reference.zero_grad()
+        one = slice(index, index + 1)
+        loss_fn(*reference(features[one]), labels[one], targets[one]).backward()
+        grads = [p.grad.clone() for p in reference.parameters()]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        factor = min(1.0, config.max_grad_norm / (float(norm) + 1e-6))
+        factors.append(factor)
+        summed = [s + factor * g for s, g in zip(summed, grads, strict=True)]
+    assert min(factors) < 1.0  # clipping is engaged, not a no-op
+    for parameter, before, total in zip(
+        model.parameters(), reference.parameters(), summed, strict=True
+    ):
+        # lr 1, loss averaged over the batch of 6: the step is the mean.
+        torch.testing.assert_close(
+            before.detach() - parameter.detach(), total / 6, rtol=1e-4, atol=1e-6
+        )
