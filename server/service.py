@@ -165,6 +165,11 @@ def _hash_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _token_tombstone(token_hash: str) -> str:
+    """Tombstone key of an erased subject's token (a hash of its stored hash)."""
+    return _hash_text("subject-token|" + token_hash)
+
+
 class GalleryService:
     """The server's state and operations, shared by every request.
 
@@ -345,6 +350,10 @@ class GalleryService:
             row = session.scalars(
                 select(Subject).where(Subject.token_hash == digest)
             ).one_or_none()
+            if row is None and session.get(ErasedSubject, _token_tombstone(digest)):
+                # The subject retrying its own erasure: 410 like any other
+                # credential would get, not "your token is invalid".
+                raise GoneError("This subject was erased.")
             if row is None or not same_hash(row.token_hash, token):
                 raise AuthenticationError("The subject token is not valid.")
             return Principal(role="subject", subject_id=row.id)
@@ -1164,10 +1173,16 @@ class GalleryService:
         session.execute(
             delete(IdempotencyRecord).where(IdempotencyRecord.subject_id == subject_id)
         )
+        token_hash = session.scalar(
+            select(Subject.token_hash).where(Subject.id == subject_id)
+        )
         session.execute(delete(Subject).where(Subject.id == subject_id))
-        tombstone = _hash_text(subject_id)
-        if session.get(ErasedSubject, tombstone) is None:
-            session.add(ErasedSubject(subject_hash=tombstone, erased_at=utcnow()))
+        tombstones = [_hash_text(subject_id)]
+        if token_hash:
+            tombstones.append(_token_tombstone(token_hash))
+        for tombstone in tombstones:
+            if session.get(ErasedSubject, tombstone) is None:
+                session.add(ErasedSubject(subject_hash=tombstone, erased_at=utcnow()))
         return {
             "templates": int(templates.rowcount),  # type: ignore[attr-defined]
             "consents": int(consents.rowcount),  # type: ignore[attr-defined]
