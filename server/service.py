@@ -905,9 +905,29 @@ class GalleryService:
             subject = self._subject_for(session, principal, subject_id, write=True)
             collection = self._collection(session, subject.collection_id)
         vectors = [self._check_template(collection, t) for t in templates]
-        data_key = self.vault.get(subject_id)
         index = self.gallery.ensure(collection.id, collection.kind, collection.dim)
-        with self.write_lock, index.lock, session_scope(self.sessions) as session:
+        # Erasure takes the write lock too: everything from the existence
+        # check to the index add happens under it, so a concurrent erasure
+        # either finishes first (410 here) or removes these templates too.
+        with self.write_lock:
+            rows, count = self._store_templates(
+                principal, subject_id, collection, vectors, index
+            )
+            self._index_add(collection, subject_id, rows, vectors)
+        return int(count) + len(rows)
+
+    def _store_templates(
+        self,
+        principal: Principal,
+        subject_id: str,
+        collection: Collection,
+        vectors: list[npt.NDArray[Any]],
+        index: CollectionIndex,
+    ) -> tuple[list[Template], int]:
+        with index.lock, session_scope(self.sessions) as session:
+            if session.get(Subject, subject_id) is None:
+                raise GoneError("This subject was erased.")
+            data_key = self.vault.get(subject_id)
             session.execute(
                 delete(Template).where(
                     Template.subject_id == subject_id,
@@ -934,8 +954,7 @@ class GalleryService:
                 site_id=principal.site_id,
                 details={"collection": collection.id, "templates": len(rows)},
             )
-        self._index_add(collection, subject_id, rows, vectors)
-        return int(count) + len(rows)
+        return rows, int(count)
 
     # -- matching --------------------------------------------------------------
 
@@ -1071,6 +1090,19 @@ class GalleryService:
             raise PermissionDeniedError("This credential may not act on this subject.")
         return subject
 
+    def _data_key_or_gone(self, subject_id: str) -> bytes:
+        """The subject's data key; 410 if an erasure destroyed it meanwhile."""
+        try:
+            return self.vault.get(subject_id)
+        except DecryptionError:
+            # The erasure holds the write lock from key destruction to the
+            # tombstone's commit: waiting for it makes the tombstone visible.
+            with self.write_lock, session_scope(self.sessions) as session:
+                erased = session.get(ErasedSubject, _hash_text(subject_id))
+            if erased is not None:
+                raise GoneError("This subject was erased.") from None
+            raise
+
     def export(self, principal: Principal, subject_id: str) -> dict[str, Any]:
         """Everything held about a subject (GDPR Art. 15), templates protected."""
         with session_scope(self.sessions) as session:
@@ -1084,7 +1116,7 @@ class GalleryService:
                 )
             )
             site = session.get(Site, subject.site_id)
-        data_key = self.vault.get(subject_id)
+        data_key = self._data_key_or_gone(subject_id)
         exported = {
             "subject_id": subject.id,
             "collection": subject.collection_id,

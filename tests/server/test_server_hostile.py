@@ -305,3 +305,78 @@ def test_access_log_lines_carry_no_subject_id():
         line = record.getMessage()
         assert subject not in line
         assert "<subject>" in line and line.endswith('HTTP/1.1" 200')
+
+
+def test_erasure_during_add_templates_wins_cleanly(world, monkeypatch):
+    # An erasure landing between add-templates' permission check and its
+    # write used to give a 500 (DecryptionError for the destroyed key, or a
+    # foreign-key failure) and could leave the new templates searchable.
+    from facefed.server.security import Principal
+
+    service = world.client.app.state.service
+    rng = np.random.default_rng(8)
+    vector = unit_vectors(rng, 1)[0]
+    template = wire(world.protection_key, vector)
+    enrolled = world.client.post(
+        "/v1/subjects",
+        json={"consent": consent(), "templates": [template]},
+        headers=world.auth(world.site_key),
+    ).json()
+    subject_id = enrolled["subject_id"]
+    check = service._check_template
+    erased = []
+
+    def check_then_erase(collection, protected):
+        vector = check(collection, protected)
+        if not erased:  # the erasure arrives while the request is in flight
+            erased.append(
+                service.erase(Principal(role="admin", key_id="t"), subject_id)
+            )
+        return vector
+
+    monkeypatch.setattr(service, "_check_template", check_then_erase)
+    answer = world.client.post(
+        f"/v1/subjects/{subject_id}/templates",
+        json={"templates": [template]},
+        headers=world.auth(world.site_key),
+    )
+    _assert_refused(answer, 410)
+    assert erased and erased[0]["removed"]["templates"] == 1
+    assert world.client.get("/v1/health").json()["templates"] == 0
+    found = world.client.post(
+        "/v1/identify",
+        json={"template": template, "threshold": -1.0},
+        headers=world.auth(world.site_key),
+    ).json()
+    assert all(c["subject_id"] != subject_id for c in found["candidates"])
+    verified = world.client.get(
+        "/v1/admin/audit/verify", headers=world.auth(world.admin_key)
+    )
+    assert verified.json()["ok"], verified.text
+
+
+def test_erasure_during_export_answers_410(world, monkeypatch):
+    # An erasure between export's row reads and its key fetch used to give
+    # 500 (DecryptionError for the destroyed data key).
+    from facefed.server.security import Principal
+
+    service = world.client.app.state.service
+    rng = np.random.default_rng(9)
+    enrolled = world.client.post(
+        "/v1/subjects",
+        json=_enroll_body(world, rng),
+        headers=world.auth(world.site_key),
+    ).json()
+    subject_id = enrolled["subject_id"]
+    get_key = service.vault.get
+
+    def erase_then_get(subject):
+        service.erase(Principal(role="admin", key_id="t"), subject)
+        return get_key(subject)
+
+    monkeypatch.setattr(service.vault, "get", erase_then_get)
+    answer = world.client.get(
+        f"/v1/subjects/{subject_id}/export", headers=world.auth(world.site_key)
+    )
+    _assert_refused(answer, 410)
+    assert world.client.get("/v1/health").json()["templates"] == 0
