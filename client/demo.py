@@ -16,12 +16,13 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -128,6 +129,7 @@ class DemoContext:
 
 
 Step = Callable[[DemoContext], None]
+_T = TypeVar("_T")
 
 
 # -- helpers -------------------------------------------------------------------
@@ -625,7 +627,7 @@ def _report_markdown(ctx: DemoContext) -> str:
 
 def _training_markdown(training: dict[str, Any]) -> list[str]:
     lines = ["## Federated fine-tuning with differential privacy", ""]
-    for site, epsilon in training.get("epsilon", {}).items():
+    for site, epsilon in sorted(training.get("epsilon", {}).items()):
         lines.append(f"- {site}: epsilon {float(epsilon):.2f}")
     lines.append(f"- rounds: {training.get('rounds')}")
     lines += ["", "| metric | before | after |", "| --- | --- | --- |"]
@@ -708,7 +710,11 @@ def federated_training(ctx: DemoContext) -> None:
         run_dir=str(run_dir),
         round_timeout=300.0,
     )
-    process = start_simulation(config, num_sites=len(ctx.sites))
+    training_log = ctx.work / "training.log"
+    process = _with_output_to(
+        training_log, lambda: start_simulation(config, num_sites=len(ctx.sites))
+    )
+    ctx.console.print(f"Flower and Ray write to work/{training_log.name}")
     deadline = time.monotonic() + TRAINING_TIMEOUT_S
     try:
         with _progress(ctx.console) as progress:
@@ -723,7 +729,7 @@ def federated_training(ctx: DemoContext) -> None:
                     if state.status == "running":
                         raise DemoError(
                             f"The training process exited with code {process.exitcode} "
-                            f"without finishing; see {run_dir}."
+                            f"without finishing; see {training_log}."
                         )
                     break
                 if time.monotonic() > deadline:
@@ -738,10 +744,10 @@ def federated_training(ctx: DemoContext) -> None:
         if process.is_alive():
             process.kill()
     if state.status != "finished":
-        raise DemoError(f"Training failed: {state.error}")
+        raise DemoError(f"Training failed: {state.error} (see {training_log}).")
     ctx.results["training"] = _training_summary(state, config)
     training = ctx.results["training"]
-    for site_name, epsilon in training["epsilon"].items():
+    for site_name, epsilon in sorted(training["epsilon"].items()):
         ctx.console.print(f"site {site_name}: epsilon {epsilon:.2f} (delta 1e-5)")
     table = Table("metric", "before", "after")
     for name in sorted(set(training["before"]) | set(training["after"])):
@@ -751,6 +757,29 @@ def federated_training(ctx: DemoContext) -> None:
             str(training["after"].get(name, "")),
         )
     ctx.console.print(table)
+
+
+def _with_output_to(log_path: Path, start: Callable[[], _T]) -> _T:
+    """Call `start` with this process's stdout and stderr sent to `log_path`.
+
+    A child process started inside inherits the file as its stdout and
+    stderr (and so do the processes it starts), while this process gets its
+    console back as soon as `start` returns: Flower's and Ray's chatter goes
+    to the log and the demo's own lines stay readable.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with log_path.open("ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            return start()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 def _training_summary(state: Any, config: Any) -> dict[str, Any]:
