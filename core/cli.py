@@ -56,7 +56,9 @@ def main() -> None:
     """Run the `facefed` command, turning facefed errors into clean exits."""
     _register_commands()
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode click returns, rather than raises, the code
+        # a command exits with through `typer.Exit`.
+        exit_code = app(standalone_mode=False)
     except FacefedError as error:
         # Messages quote user input (paths, values): never read them as markup.
         error_console.print("[red]error:[/red]", escape(str(error)))
@@ -69,3 +71,5 @@ def main() -> None:
     except click.ClickException as usage_error:
         usage_error.show()
         sys.exit(usage_error.exit_code)
+    if isinstance(exit_code, int):
+        sys.exit(exit_code)

@@ -45,3 +45,23 @@ def test_invalid_setting_exits_with_the_configuration_code(tmp_path):
     assert result.returncode == ConfigurationError.exit_code
     assert "FACEFED_MAX_IMAGE_PIXELS" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_exit_code_set_through_typer_exit_reaches_the_shell(monkeypatch):
+    import typer
+
+    from facefed.core import cli
+
+    def _fails() -> None:
+        raise typer.Exit(code=7)
+
+    monkeypatch.setattr(
+        cli.app, "registered_commands", list(cli.app.registered_commands)
+    )
+    cli.app.command("always-fails-for-test")(_fails)
+    monkeypatch.setattr(sys, "argv", ["facefed", "always-fails-for-test"])
+
+    with pytest.raises(SystemExit) as finished:
+        cli.main()
+
+    assert finished.value.code == 7
