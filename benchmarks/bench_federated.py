@@ -3,10 +3,13 @@
 Run: `.venv/bin/python -m benchmarks.bench_federated [--repeats N] [--skip-rounds]`.
 
 1. Step cost. The same shared top of the dlib ResNet (the last 1 or 2
-   stages) with a site's ArcFace cosine head, on the same batch of 64
-   frozen-trunk features of real LFW chips (tests/data/lfw): one Opacus
-   DP-SGD step (per-sample gradients, clipping, Gaussian noise) against one
-   plain SGD step, in the same process, median of `--repeats`.
+   stages) with a site's ArcFace cosine head (400 classes), on the same
+   batch (64 or 256) of frozen-trunk features of real LFW chips
+   (tests/data/lfw): one plain SGD step, one Opacus DP-SGD step as training
+   runs it (ghost clipping: per-sample gradient norms, clipping by a second
+   backward pass, Gaussian noise), and one DP-SGD step with materialised
+   per-sample gradients, in the same process, warmed up, timed in
+   alternating order, median of `--repeats`.
    Target: DP-SGD at most 2.5x slower.
 2. Round time. Three sites of 200 training photos each (the degraded-camera
    LFW scenario, `facefed eval federated-scenario`, built in a temporary
@@ -199,6 +202,7 @@ def _scenario_sites(work: Path) -> list[Path]:
         SHARED,
         work / "scenario",
         photos_per_site=200,
+        photos_per_identity=6,
         pairs_per_site=20,
         rng=np.random.default_rng(0),
     )

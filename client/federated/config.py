@@ -35,6 +35,10 @@ class TrainingConfig:
             0.008, and at 0.05 the DP noise alone moved them by 5x their norm
             in 5 rounds (a random projection: own accuracy kept, cross-model
             accuracy lost).
+        head_lr_scale: The site head's learning rate as a multiple of
+            `learning_rate`. The head starts from random class centres every
+            run; a faster head finds them in the first steps, so the shared
+            layers are not pulled towards random directions meanwhile.
         target_epsilon: Per-site privacy budget for the whole run.
         target_delta: Delta of the (epsilon, delta) guarantee.
         max_grad_norm: Per-sample gradient clipping bound (Abadi et al., 2016).
@@ -64,6 +68,7 @@ class TrainingConfig:
     local_epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.0005
+    head_lr_scale: float = 1.0
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
@@ -90,6 +95,7 @@ class TrainingConfig:
         _positive_int("min_sites", self.min_sites)
         for name in (
             "learning_rate",
+            "head_lr_scale",
             "target_epsilon",
             "max_grad_norm",
             "arcface_scale",

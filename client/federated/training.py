@@ -261,7 +261,13 @@ def dp_train(
     )
     model = _TopWithHead(top, head).train()
     optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad],
+        [
+            {"params": [p for p in top.parameters() if p.requires_grad]},
+            {
+                "params": list(head.parameters()),
+                "lr": config.learning_rate * config.head_lr_scale,
+            },
+        ],
         lr=config.learning_rate,
         momentum=0.9,
     )

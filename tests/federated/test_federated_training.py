@@ -96,6 +96,16 @@ def test_config_round_trips_through_flower_and_rejects_bad_values():
         TrainingConfig.from_flower({"compat": "magic"})
     with pytest.raises(ConfigurationError, match="num-rounds"):
         TrainingConfig.from_flower({"num-rounds": "many"})
+    with pytest.raises(ConfigurationError, match="head_lr_scale must be positive"):
+        TrainingConfig(head_lr_scale=0.0)
+    # Every field has a key in the Flower app config of pyproject.toml, which
+    # `flwr run --run-config` overrides need.
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    app_config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(app_config) == set(TrainingConfig().to_flower())
 
 
 @pytest.mark.parametrize("profile", [p for p in known_profiles() if p != "clean"])
