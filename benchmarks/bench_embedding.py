@@ -18,16 +18,15 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.report import replace_section
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
-SECTIONS = ("detection", "embedding", "liveness", "gallery", "privacy", "federated")
 TARGET_SPEEDUP = 8.0
 BATCHES = (1, 32)
 
@@ -164,23 +163,6 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks_md(section_text: str) -> None:
-    if BENCHMARKS_MD.exists():
-        text = BENCHMARKS_MD.read_text()
-    else:
-        text = "# Benchmarks\n\n" + "".join(
-            f"<!-- section: {name} -->\n\n" for name in SECTIONS
-        )
-    marker = "<!-- section: embedding -->"
-    if marker not in text:
-        text += f"\n{marker}\n\n"
-    start = text.index(marker) + len(marker)
-    following = re.search(r"<!-- section: ", text[start:])
-    end = start + following.start() if following else len(text)
-    body = "\n\n## Embedding: ONNX ResNet vs dlib\n\n" + section_text + "\n"
-    BENCHMARKS_MD.write_text(text[:start] + body + text[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -205,7 +187,7 @@ def main() -> None:
     (RESULTS / "embedding.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = render_markdown(report)
     (RESULTS / "embedding.md").write_text(markdown)
-    update_benchmarks_md(markdown)
+    replace_section("embedding", "## Embedding: ONNX ResNet vs dlib\n\n" + markdown)
     print(markdown)
 
 

@@ -30,14 +30,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks.report import replace_section
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
-SECTIONS = ("detection", "embedding", "liveness", "gallery", "privacy", "federated")
 DIM = 128
 THREADS = 2
 NOISE = 0.03  # per coordinate: cosine to the original about 0.94
@@ -285,20 +285,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    if BENCHMARKS_MD.exists():
-        content = BENCHMARKS_MD.read_text()
-    else:
-        content = "# Benchmarks\n\n" + "".join(
-            f"<!-- section: {name} -->\n\n" for name in SECTIONS
-        )
-    marker = "<!-- section: gallery -->"
-    start = content.index(marker) + len(marker)
-    following = re.search(r"<!-- section: ", content[start:])
-    end = start + following.start() if following else len(content)
-    BENCHMARKS_MD.write_text(content[:start] + "\n\n" + text + "\n" + content[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -318,7 +304,7 @@ def main() -> None:
         report = json.loads((RESULTS / "gallery.json").read_text())
         text = markdown(report)
         (RESULTS / "gallery.md").write_text(text)
-        write_section(text)
+        replace_section("gallery", text)
         print(text)
         return
 
@@ -349,7 +335,7 @@ def main() -> None:
     (RESULTS / "gallery.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     (RESULTS / "gallery.md").write_text(text)
-    write_section(text)
+    replace_section("gallery", text)
     print(text)
 
 

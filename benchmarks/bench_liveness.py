@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -23,14 +22,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import replace_section
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("FACEFED_THREADS", "1")
 
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
-SECTIONS = ("detection", "embedding", "liveness", "gallery", "privacy", "federated")
 FRAMES = (
     "antispoof/image_T1.jpg",
     "antispoof/image_F1.jpg",
@@ -141,23 +140,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks_md(section_text: str) -> None:
-    """Replace the liveness section of BENCHMARKS.md, leaving the others alone."""
-    if BENCHMARKS_MD.exists():
-        text = BENCHMARKS_MD.read_text()
-    else:
-        text = "# Benchmarks\n\n" + "".join(
-            f"<!-- section: {n} -->\n\n" for n in SECTIONS
-        )
-    marker = "<!-- section: liveness -->"
-    if marker not in text:
-        text += f"\n{marker}\n\n"
-    start = text.index(marker) + len(marker)
-    following = re.search(r"<!-- section: ", text[start:])
-    end = start + following.start() if following else len(text)
-    BENCHMARKS_MD.write_text(text[:start] + "\n\n" + section_text + "\n" + text[end:])
-
-
 def main() -> None:
     """Run the benchmark and write its results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -168,7 +150,7 @@ def main() -> None:
     (RESULTS / "liveness.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     (RESULTS / "liveness.md").write_text(text)
-    update_benchmarks_md(text)
+    replace_section("liveness", text)
     print(text)
 
 

@@ -15,11 +15,12 @@ import json
 import os
 import platform
 import random
-import re
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from benchmarks.report import replace_section
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -27,8 +28,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
-SECTIONS = ("detection", "embedding", "liveness", "gallery", "privacy", "federated")
 DIM = 128
 THREADS = 2
 
@@ -186,23 +185,6 @@ def render_markdown(report: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks_md(section_text: str) -> None:
-    if BENCHMARKS_MD.exists():
-        text = BENCHMARKS_MD.read_text()
-    else:
-        text = "# Benchmarks\n\n" + "".join(
-            f"<!-- section: {name} -->\n\n" for name in SECTIONS
-        )
-    marker = "<!-- section: privacy -->"
-    if marker not in text:
-        text += f"\n{marker}\n\n"
-    start = text.index(marker) + len(marker)
-    following = re.search(r"<!-- section: ", text[start:])
-    end = start + following.start() if following else len(text)
-    body = "\n\n## Privacy: encrypted matching and protection\n\n" + section_text + "\n"
-    BENCHMARKS_MD.write_text(text[:start] + body + text[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -225,7 +207,9 @@ def main() -> None:
     (RESULTS / "privacy.json").write_text(json.dumps(report, indent=2))
     markdown = render_markdown(report)
     (RESULTS / "privacy.md").write_text(markdown)
-    update_benchmarks_md(markdown)
+    replace_section(
+        "privacy", "## Privacy: encrypted matching and protection\n\n" + markdown
+    )
     print(markdown)
 
 
