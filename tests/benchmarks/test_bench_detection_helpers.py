@@ -1,4 +1,4 @@
-"""The detection benchmark's image making and BENCHMARKS.md section rewriting."""
+"""The detection benchmark's test images."""
 
 import numpy as np
 
@@ -23,21 +23,3 @@ def test_benchmark_images_are_real_photos_at_both_sizes():
     }
     assert images["many faces @ 1920x1080"].shape == (1080, 1920, 3)
     assert images["one face @ 640x480"].std() > 20
-
-
-def test_section_rewrite_leaves_other_sections_alone(tmp_path, monkeypatch):
-    target = tmp_path / "BENCHMARKS.md"
-    monkeypatch.setattr(bench_detection, "BENCHMARKS_MD", target)
-    bench_detection.update_benchmarks_md("first table\n", "t1")
-    text = target.read_text()
-    for name in bench_detection.SECTIONS:
-        assert f"<!-- section: {name} -->" in text
-    target.write_text(
-        text.replace(
-            "<!-- section: embedding -->\n", "<!-- section: embedding -->\nkeep me\n"
-        )
-    )
-    bench_detection.update_benchmarks_md("second table\n", "t2")
-    text = target.read_text()
-    assert "second table" in text and "first table" not in text
-    assert "keep me" in text and text.count("<!-- section: detection -->") == 1

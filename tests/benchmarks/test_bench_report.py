@@ -17,9 +17,9 @@ def test_replacing_a_section_leaves_the_others_untouched(tmp_path):
 
 def test_an_unknown_section_is_appended(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
-    path.write_text("# Benchmarks\n\n<!-- section: detection -->\n\nA\n")
+    path.write_text("# Benchmarks\n\n<!-- section: detection -->\n\nalpha\n")
 
-    replace_section("extra", "## Extra\n\nB", path=path)
+    replace_section("extra", "## Extra\n\nbeta", path=path)
 
     text = path.read_text()
-    assert text.index("A") < text.index("<!-- section: extra -->") < text.index("B")
+    assert text.index("alpha") < text.index("section: extra") < text.index("beta")
