@@ -228,3 +228,41 @@ def test_ghost_clipped_step_equals_clipping_each_sample_by_hand():
         torch.testing.assert_close(
             before.detach() - parameter.detach(), total / 6, rtol=1e-4, atol=1e-6
         )
+
+
+def test_stage5_norm_samplers_match_the_norms_of_opacus_per_sample_gradients():
+    from opacus import GradSampleModule
+
+    from facefed.client.federated.grad_samplers import (
+        affine_norm_sample,
+        conv2d_norm_sample,
+    )
+    from facefed.models.dlib_resnet import Affine
+
+    generator = torch.Generator().manual_seed(7)
+    cases = [
+        (torch.nn.Conv2d(3, 4, 3, 1, 1), torch.randn(5, 3, 6, 6, generator=generator)),
+        (torch.nn.Conv2d(3, 4, 3, 2, 0), torch.randn(5, 3, 7, 7, generator=generator)),
+        (Affine(4), torch.randn(5, 4, 3, 3, generator=generator)),
+    ]
+    for layer, inputs in cases:
+        with torch.no_grad():
+            for parameter in layer.parameters():
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+        wrapped = GradSampleModule(copy.deepcopy(layer), loss_reduction="sum")
+        outputs = wrapped(inputs)
+        backprops = torch.randn(outputs.shape, generator=generator)
+        (outputs * backprops).sum().backward()
+        sampler = (
+            conv2d_norm_sample
+            if isinstance(layer, torch.nn.Conv2d)
+            else (affine_norm_sample)
+        )
+        norms = sampler(layer, [inputs], backprops)
+        for own, param in zip(layer.parameters(), wrapped.parameters(), strict=True):
+            torch.testing.assert_close(
+                norms[own],
+                param.grad_sample.flatten(1).norm(dim=1),
+                rtol=1e-4,
+                atol=1e-5,
+            )
