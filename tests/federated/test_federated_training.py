@@ -54,15 +54,18 @@ def test_split_network_matches_the_full_network():
 
 
 @pytest.mark.slow
-def test_round_trains_top_only_and_records_epsilon(sites):
-    config = TrainingConfig(num_rounds=2, batch_size=8, target_epsilon=8.0)
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_round_trains_top_only_and_records_epsilon(sites, blocks):
+    config = TrainingConfig(
+        num_rounds=2, batch_size=8, target_epsilon=8.0, trainable_blocks=blocks
+    )
     runtime = SiteRuntime(sites[0], config)
     trunk_before = {k: v.clone() for k, v in runtime.split.trunk.state_dict().items()}
     shared = runtime.split.shared_state()
 
     updated, metrics = runtime.train_round(shared, run_id="r1", server_round=1)
 
-    assert any(not torch.equal(updated[k], shared[k]) for k in shared)
+    assert all(not torch.equal(updated[k], shared[k]) for k in shared)
     for key, value in runtime.split.trunk.state_dict().items():
         assert torch.equal(value, trunk_before[key]), key
     assert 0 < metrics["epsilon"] <= 8.0
