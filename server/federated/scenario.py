@@ -72,8 +72,15 @@ def build_scenario(
         rng: Source of the degradations and the identity shuffle.
 
     Raises:
-        ConfigurationError: The shared data is not there.
+        ConfigurationError: The shared data is not there, or a count is out
+            of range.
     """
+    if photos_per_site < 0 or photos_per_identity < 2 or pairs_per_site < 2:
+        raise ConfigurationError(
+            "photos_per_site must be >= 0, photos_per_identity >= 2 and "
+            f"pairs_per_site >= 2; got {photos_per_site}, {photos_per_identity}, "
+            f"{pairs_per_site}."
+        )
     labels = shared_data / "labels" / "identity_labels.csv"
     pairs_csv = shared_data / "protocols" / "lfw_pairs_folds01-07.csv"
     if not labels.exists() or not pairs_csv.exists():

@@ -84,3 +84,25 @@ def test_train_checks_the_site_count(tmp_path):
     )
     assert done.returncode == 2
     assert "--sites 3 but 1 site folders" in " ".join(done.stderr.split())
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        {"photos_per_site": -1},
+        {"photos_per_identity": 1},
+        {"pairs_per_site": 0},
+    ],
+)
+def test_scenario_refuses_bad_counts_and_leaves_the_folder_alone(tmp_path, counts):
+    import numpy as np
+
+    from facefed.core.errors import ConfigurationError
+    from facefed.server.federated.scenario import build_scenario
+
+    out = tmp_path / "scenario"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigurationError, match="must be"):
+        build_scenario(tmp_path, out, rng=np.random.default_rng(0), **counts)
+    assert (out / "keep.txt").read_text() == "mine"
