@@ -317,9 +317,21 @@ def _markdown(results: dict, note: str) -> str:
         lines += [
             "",
             "Round time from the server's round start to the sites' evaluation "
-            "replies (chips cached; trunk features computed in the round).",
+            "replies (chips cached; trunk features computed in the round); "
+            f"measured {results.get('rounds_when', results['when'])}.",
         ]
     return "\n".join(lines)
+
+
+def _keep_previous_rounds(results: dict[str, Any]) -> None:
+    """With --skip-rounds, carry the last measured round times (and their date)."""
+    previous_file = RESULTS / "federated.json"
+    if not previous_file.exists():
+        return
+    previous = json.loads(previous_file.read_text())
+    if previous.get("rounds"):
+        results["rounds"] = previous["rounds"]
+        results["rounds_when"] = previous.get("rounds_when", previous["when"])
 
 
 def update_benchmarks_md(section_text: str) -> None:
@@ -371,7 +383,10 @@ def main() -> None:
                 "simulation": _simulation_round(_fresh_copies(sites, work / "a"), work),
                 "deployment": _deployment_round(_fresh_copies(sites, work / "b"), work),
             }
+            results["rounds_when"] = results["when"]
             print(f"rounds: {results['rounds']}", flush=True)
+    else:
+        _keep_previous_rounds(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "federated.json").write_text(json.dumps(results, indent=1))
     text = _markdown(results, arguments.load_note)
