@@ -19,6 +19,7 @@ class GeometryChoice(StrEnum):
 
     arcface = "arcface"
     dlib = "dlib"
+    dlib5 = "dlib5"
 
 
 _DETECTOR_HELP = (
@@ -102,7 +103,11 @@ def align(
         typer.Option(
             "--geometry",
             "-g",
-            help="arcface: 112x112 ArcFace template; dlib: dlib's 150x150 chip.",
+            help=(
+                "arcface: 112x112 ArcFace template; dlib: dlib's 150x150 chip; "
+                "dlib5: dlib's chip from dlib's own 5-point model, as "
+                "dlib.get_face_chip cuts it (best with --detector hog)."
+            ),
         ),
     ] = GeometryChoice.arcface,
     detector: Annotated[
@@ -113,6 +118,8 @@ def align(
     from PIL import Image
 
     from facefed.core.align import align as align_chip
+    from facefed.core.align import align_dlib_chip_from_dlib5
+    from facefed.core.detection.dlib_detectors import dlib5_landmarks
     from facefed.core.detection.registry import create_detector
     from facefed.core.errors import ImageError
     from facefed.core.image import decode_image
@@ -133,10 +140,14 @@ def align(
             logger.error("%s: %s", path, error)
             continue
         for number, face in enumerate(face_detector.detect(image), start=1):
-            if face.landmarks is None:
+            if face.landmarks is None and geometry is not GeometryChoice.dlib5:
                 skipped += 1
                 continue
-            chip = align_chip(image, face.landmarks, geometry=geometry.value)
+            if geometry is GeometryChoice.dlib5:
+                points = dlib5_landmarks(image, face.box)
+                chip = align_dlib_chip_from_dlib5(image, points)
+            else:
+                chip = align_chip(image, face.landmarks, geometry=geometry.value)
             _save(Image.fromarray(chip), out / f"{stem}_{number}.png", "PNG")
             written += 1
     typer.echo(f"Wrote {written} {geometry.value} chips to {out}.")

@@ -14,7 +14,9 @@ eye centre = mean of the six eye-contour points, nose tip = point 31, mouth
 corners = points 49 and 55 (1-based iBUG numbering). dlib's 5-point model is
 not used because it has no mouth corners (it marks the two corners of each
 eye and the base of the nose), and estimating mouth corners from it would
-invent data. Model files come from the `face_recognition_models` package.
+invent data. `dlib5_landmarks` runs that 5-point model on a face box for
+callers that want dlib's own chip (`facefed.core.align.align_dlib_chip_from_dlib5`).
+Model files come from the `face_recognition_models` package.
 """
 
 import logging
@@ -26,14 +28,16 @@ from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from facefed.core.detection.base import check_image, make_face, sort_by_score
-from facefed.core.errors import ConfigurationError, ModelError
+from facefed.core.errors import ConfigurationError, FaceError, ModelError
 from facefed.core.types import Face, FloatArray, ImageArray
 
 logger = logging.getLogger(__name__)
 
 SHAPE_68_FILE = "shape_predictor_68_face_landmarks.dat"
+SHAPE_5_FILE = "shape_predictor_5_face_landmarks.dat"
 MMOD_FILE = "mmod_human_face_detector.dat"
 
 
@@ -60,6 +64,56 @@ def _shape_predictor_68() -> Any:
     import dlib
 
     return dlib.shape_predictor(str(dlib_model_path(SHAPE_68_FILE)))
+
+
+@lru_cache(maxsize=1)
+def _shape_predictor_5() -> Any:
+    import dlib
+
+    return dlib.shape_predictor(str(dlib_model_path(SHAPE_5_FILE)))
+
+
+_DLIB5_LOCK = threading.Lock()
+
+
+def dlib5_landmarks(image: ImageArray, box: npt.ArrayLike) -> FloatArray:
+    """Find dlib's own 5 landmarks of the face in `box`, in dlib's point order.
+
+    The points `dlib.get_face_chip` aligns with: outer and inner corner of
+    the eye on the image's right, the same for the other eye, then the base
+    of the nose. dlib's model was trained on its HOG detector's boxes; on
+    other detectors' boxes the points can be less accurate.
+
+    Args:
+        image: RGB uint8 (H, W, 3).
+        box: [x1, y1, x2, y2] with x2, y2 exclusive, as in `Face.box`.
+
+    Returns:
+        (5, 2) float32 x, y (whole pixels, as dlib gives them).
+
+    Raises:
+        FaceError: A box that is not 4 finite numbers with x1 < x2, y1 < y2.
+    """
+    import dlib
+
+    check_image(image)
+    values = np.asarray(box, dtype=np.float64)
+    if (
+        values.shape != (4,)
+        or not np.all(np.isfinite(values))
+        or values[2] <= values[0]
+        or values[3] <= values[1]
+    ):
+        raise FaceError(
+            "A face box must be [x1, y1, x2, y2] with x1 < x2 and y1 < y2; "
+            f"got {values.tolist()}."
+        )
+    left, top, right, bottom = (round(v) for v in values)
+    # dlib's rectangles include their right and bottom pixels.
+    rect = dlib.rectangle(left, top, max(left, right - 1), max(top, bottom - 1))
+    with _DLIB5_LOCK:
+        shape = _shape_predictor_5()(np.ascontiguousarray(image), rect)
+    return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
 
 
 def five_points_from_68(points: np.ndarray) -> FloatArray:
