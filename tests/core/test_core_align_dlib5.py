@@ -80,7 +80,8 @@ def test_dlib5_points_land_on_dlib_template_in_dlib_chip(dlib5_faces) -> None:
         cos, sin = np.cos(-details.angle), np.sin(-details.angle)
         turn = np.array([[cos, -sin], [sin, cos]])
         theirs = (points - centre) @ turn.T * scale + 74.5
-        assert np.abs(ours - theirs).max() < 0.6, (name, ours - theirs)
+        # Measured at most 0.1 pixel; a template off by half a pixel fails.
+        assert np.abs(ours - theirs).max() < 0.25, (name, ours - theirs)
 
 
 def test_wrong_point_order_gives_a_different_chip(dlib5_faces) -> None:
