@@ -81,6 +81,10 @@ class YuNetDetector:
         path = model_path or yunet_model_path()
         if not path.is_file():
             raise ModelError(f"The YuNet model file is missing: {path}.")
+        # OpenCV 5 warns on every load that its new graph engine ignores the
+        # target that FaceDetectorYN sets internally; it is noise to a user.
+        previous_level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
         try:
             self._net = cv2.FaceDetectorYN.create(
                 str(path), "", (320, 320), score_threshold, nms_threshold, 5000
@@ -89,6 +93,8 @@ class YuNetDetector:
             raise ModelError(
                 f"OpenCV cannot load YuNet from {path}: {error}"
             ) from error
+        finally:
+            cv2.utils.logging.setLogLevel(previous_level)
         # FaceDetectorYN keeps per-size state; one call at a time per instance.
         self._lock = threading.Lock()
 

@@ -1,0 +1,1 @@
+"""MiniFASNet ONNX files shipped with facefed (see README.md in this folder)."""
