@@ -19,7 +19,7 @@ import numpy as np
 from facefed.client.consent import ConsentRecord
 from facefed.client.settings import ClientSettings, get_client_settings
 from facefed.client.transport import IDEMPOTENCY_HEADER, RetryPolicy, Transport
-from facefed.core.errors import ServiceError
+from facefed.core.errors import GoneError, NotFoundError, ServiceError
 from facefed.privacy.protection import ProtectionKey
 from facefed.privacy.templates import ProtectedTemplate
 
@@ -163,6 +163,10 @@ class GalleryClient:
             timeout_s=settings.timeout_s,
             verify=verify,
             http=http,
+            unauthorized_hint=None
+            if anonymous or key
+            else "No API key is configured: set FACEFED_API_KEY_FILE "
+            "(or FACEFED_API_KEY) to the site's key.",
         )
         return cls(transport, collection=settings.collection)
 
@@ -184,13 +188,29 @@ class GalleryClient:
     # -- keys ------------------------------------------------------------------
 
     def protection_key(self) -> ProtectionKey:
-        """The key the collection's templates are protected with (key service)."""
-        body = self._transport.request(
-            "GET",
-            "/keys/protection",
-            params={"collection": self.collection},
-            retry=True,
-        )
+        """The key the collection's templates are protected with (key service).
+
+        Raises:
+            NotFoundError: The collection does not exist (an admin creates it,
+                with its protection key, before sites can enroll or search).
+        """
+        try:
+            body = self._transport.request(
+                "GET",
+                "/keys/protection",
+                params={"collection": self.collection},
+                retry=True,
+            )
+        except GoneError:
+            raise
+        except NotFoundError as error:
+            raise NotFoundError(
+                f"{error} The gallery collection '{self.collection}'"
+                " (FACEFED_COLLECTION)"
+                " or its protection key does not exist on the server: an admin must "
+                "create them first (AdminClient.create_protection_key and "
+                "create_collection; deploy/local/up.sh does it)."
+            ) from None
         return ProtectionKey.from_dict(body)
 
     # -- enrollment ------------------------------------------------------------

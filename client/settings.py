@@ -3,11 +3,11 @@
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from facefed.core.errors import ConfigurationError
-from facefed.core.settings import get_core_settings
+from facefed.core.settings import describe_invalid_settings, get_core_settings
 
 
 class ClientSettings(BaseSettings):
@@ -46,6 +46,23 @@ class ClientSettings(BaseSettings):
     ca_file: Path | None = None
     liveness: bool = True
 
+    @field_validator("server_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        # Refused at once: a URL without a scheme would otherwise only fail
+        # at connection time, after every retry.
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("the server URL must start with http:// or https://")
+        return value
+
+    @field_validator("api_key_file", "site_dir", "ca_file", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object) -> object:
+        # `FACEFED_API_KEY_FILE=` would otherwise become Path("."), a folder.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     def resolved_api_key(self) -> str | None:
         """The API key from `api_key_file` when set, else from `api_key`.
 
@@ -74,5 +91,13 @@ class ClientSettings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_client_settings() -> ClientSettings:
-    """Return the process-wide site agent settings, read once from the environment."""
-    return ClientSettings()
+    """Return the process-wide site agent settings, read once from the environment.
+
+    Raises:
+        ConfigurationError: A `FACEFED_*` variable holds an invalid value (the
+            message names the variable, not the value, which may be a secret).
+    """
+    try:
+        return ClientSettings()
+    except ValidationError as invalid:
+        raise ConfigurationError(describe_invalid_settings(invalid)) from None

@@ -144,6 +144,8 @@ class Transport:
             recorder instead of `time.sleep`).
         http: An httpx client to use instead of building one (its base URL and
             headers are left alone).
+        unauthorized_hint: Sentence added to a 401 answer's error (the site
+            agent says which setting holds its key when none is configured).
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class Transport:
         verify: bool | str = True,
         sleep: Callable[[float], None] = time.sleep,
         http: httpx.Client | None = None,
+        unauthorized_hint: str | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = http or httpx.Client(
@@ -168,6 +171,7 @@ class Transport:
         self._policy = policy
         self._rng = rng
         self._sleep = sleep
+        self._unauthorized_hint = unauthorized_hint
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -217,7 +221,10 @@ class Transport:
             try:
                 response = self._send(method, path, json, content, params, headers)
             except httpx.ConnectError as error:
-                last_problem = f"cannot connect ({error})"
+                last_problem = (
+                    f"cannot connect to {self._http.base_url} ({error}); "
+                    "check FACEFED_SERVER_URL and that the server is running"
+                )
                 continue
             except httpx.TransportError as error:
                 last_problem = f"connection failed ({type(error).__name__})"
@@ -227,6 +234,11 @@ class Transport:
             if _is_retryable_status(response.status_code) and retry:
                 last_problem = f"HTTP {response.status_code}"
                 continue
+            if response.status_code == 401 and self._unauthorized_hint:
+                raise PermissionDeniedError(
+                    f"the server refused {method} {path} with HTTP 401: "
+                    f"{_detail(response)}. {self._unauthorized_hint}"
+                )
             raise_for_response(response)
             if not response.content:
                 return None
