@@ -198,6 +198,45 @@ class SiteAgent:
             SpoofError: A photo looks like a presentation attack.
             FaceError: A photo is unusable (or, with `skip_unusable`, all are).
         """
+        templates = self._templates(sources, skip_unusable=skip_unusable)
+        receipt = self.client.enroll(
+            templates,
+            subject_ref=subject_ref,
+            consent=consent,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        logger.info(
+            "Enrolled subject %s from %d photo(s)", receipt.subject_id, len(templates)
+        )
+        return receipt
+
+    def add_templates(
+        self,
+        sources: Sequence[ImageSource],
+        *,
+        subject_id: str,
+        idempotency_key: str | None = None,
+        skip_unusable: bool = False,
+    ) -> int:
+        """Add photos to a subject this site enrolled; returns its template count.
+
+        The same checks as `enroll` apply (a spoof refuses every photo).
+
+        Raises:
+            SpoofError: A photo looks like a presentation attack.
+            FaceError: A photo is unusable (or, with `skip_unusable`, all are).
+            GoneError: The subject was erased.
+        """
+        templates = self._templates(sources, skip_unusable=skip_unusable)
+        return self.client.add_templates(
+            subject_id,
+            templates,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+
+    def _templates(
+        self, sources: Sequence[ImageSource], *, skip_unusable: bool
+    ) -> list[ProtectedTemplate]:
         if not sources:
             raise FacefedError("An enrollment needs at least one photo, got none.")
         templates: list[ProtectedTemplate] = []
@@ -213,16 +252,7 @@ class SiteAgent:
                 unusable = error
         if not templates and unusable is not None:
             raise unusable
-        receipt = self.client.enroll(
-            templates,
-            subject_ref=subject_ref,
-            consent=consent,
-            idempotency_key=idempotency_key or new_idempotency_key(),
-        )
-        logger.info(
-            "Enrolled subject %s from %d photo(s)", receipt.subject_id, len(templates)
-        )
-        return receipt
+        return templates
 
     def identify(self, source: ImageSource, *, top_k: int = 5) -> IdentifyResult:
         """Search the gallery for the person in a photo (1:N)."""

@@ -70,9 +70,20 @@ def _registry() -> "SiteRegistry":
 def enroll(
     images: Annotated[list[Path], typer.Argument(help="Photos of one person.")],
     subject_ref: Annotated[
-        str, typer.Option(help="The site's reference for the person.")
-    ],
-    consent: Annotated[Path, typer.Option(help="Consent record, JSON or YAML.")],
+        str | None,
+        typer.Option(help="The site's reference for the person (a new enrollment)."),
+    ] = None,
+    consent: Annotated[
+        Path | None,
+        typer.Option(help="Consent record, JSON or YAML (a new enrollment)."),
+    ] = None,
+    subject: Annotated[
+        str | None,
+        typer.Option(
+            help="Add the photos to this already enrolled subject id instead "
+            "(its consent record stands)."
+        ),
+    ] = None,
     receipt_out: Annotated[
         Path | None,
         typer.Option(help="Write the receipt, with the subject token, to this file."),
@@ -86,8 +97,28 @@ def enroll(
     ] = False,
 ) -> None:
     """Enroll one person from one or more photos, with their consent record."""
+    if subject is not None:
+        _add_photos(images, subject_id=subject, skip_unusable=skip_unusable)
+        return
     from facefed.client.consent import load_consent
+    from facefed.core.errors import ConfigurationError, ConflictError
 
+    if subject_ref is None or consent is None:
+        raise ConfigurationError(
+            "A new enrollment needs --subject-ref and --consent "
+            "(or --subject SUBJECT_ID to add photos to an enrolled subject)."
+        )
+    registry = _registry()
+    # Checked before any photo is processed: the server cannot tell that two
+    # enrollments are one person (it only sees protected templates).
+    enrolled = registry.subject_of(subject_ref)
+    if enrolled is not None:
+        raise ConflictError(
+            f"The subject ref {subject_ref!r} is already enrolled at this site as "
+            f"subject {enrolled}. Add photos with `facefed site enroll "
+            f"--subject {enrolled} PHOTO...`, or erase it first with "
+            f"`facefed site erase {enrolled}`."
+        )
     record = load_consent(consent)
     agent = _agent()
     with console.status("Running the local pipeline and enrolling..."):
@@ -97,7 +128,7 @@ def enroll(
             consent=record,
             skip_unusable=skip_unusable,
         )
-    _registry().record(receipt.subject_id, subject_ref)
+    registry.record(receipt.subject_id, subject_ref)
     console.print(
         f"enrolled subject [bold]{receipt.subject_id}[/bold] "
         f"({receipt.template_count} template(s))"
@@ -111,6 +142,44 @@ def enroll(
             "subject token (give it to the person; it is shown only once): "
             f"{receipt.subject_token}"
         )
+
+
+def _add_photos(images: list[Path], *, subject_id: str, skip_unusable: bool) -> None:
+    from facefed.core.errors import GoneError
+
+    agent = _agent()
+    try:
+        with console.status("Running the local pipeline and adding photos..."):
+            count = agent.add_templates(
+                images, subject_id=subject_id, skip_unusable=skip_unusable
+            )
+    except GoneError:
+        _forget_erased(agent, subject_id)
+        raise
+    console.print(f"subject [bold]{subject_id}[/bold] now has {count} template(s)")
+
+
+def _forget_erased(agent: "SiteAgent", subject_id: str) -> None:
+    """Drop local entries of a subject the server reports as erased (410 Gone).
+
+    A data subject can erase themselves (`facefed subject erase`) without the
+    site knowing; the site learns it when a command meets the subject, and
+    then drops the subject from its registry and its local training photos.
+    """
+    import logging
+
+    registry = _registry()
+    ref = registry.ref_of(subject_id)
+    if ref is None:
+        return
+    removed = agent.data_store.forget(ref) if agent.data_store is not None else 0
+    registry.remove(subject_id)
+    logging.getLogger(__name__).warning(
+        "Subject %s was erased on the server; dropped from the site registry with "
+        "%d local training sample(s)",
+        subject_id,
+        removed,
+    )
 
 
 @site_app.command("identify")
@@ -138,7 +207,14 @@ def verify(
     subject: Annotated[str, typer.Option(help="The claimed subject id.")],
 ) -> None:
     """Check a photo against one enrolled subject (1:1); exits 1 on no match."""
-    result = _agent().verify(image, subject_id=subject)
+    from facefed.core.errors import GoneError
+
+    agent = _agent()
+    try:
+        result = agent.verify(image, subject_id=subject)
+    except GoneError:
+        _forget_erased(agent, subject)
+        raise
     verdict = "match" if result.match else "no match"
     console.print(
         f"{verdict}: score {result.score:.3f} (threshold {result.threshold:.3f})"
@@ -161,11 +237,25 @@ def erase(
     ] = None,
 ) -> None:
     """Erase a subject this site enrolled, on the server and in local training data."""
+    from facefed.core.errors import GoneError
+
     registry = _registry()
     agent = _agent(with_pipeline=False)
-    receipt = agent.erase(
-        subject_id, subject_ref=subject_ref or registry.ref_of(subject_id)
-    )
+    try:
+        receipt = agent.erase(
+            subject_id, subject_ref=subject_ref or registry.ref_of(subject_id)
+        )
+    except GoneError:
+        # Already erased on the server (the data subject erased themselves):
+        # finish the job locally.
+        if subject_ref is not None and registry.ref_of(subject_id) is None:
+            registry.record(subject_id, subject_ref)
+        _forget_erased(agent, subject_id)
+        console.print(
+            f"subject {subject_id} was already erased on the server; "
+            "its local entries are dropped"
+        )
+        return
     registry.remove(subject_id)
     console.print_json(json.dumps(receipt))
 

@@ -54,6 +54,13 @@ class SiteRegistry:
         """The site reference of a subject id, or None when unknown."""
         return self._load().get(subject_id)
 
+    def subject_of(self, subject_ref: str) -> str | None:
+        """The subject id the site enrolled under `subject_ref`, or None."""
+        for subject_id, ref in self._load().items():
+            if ref == subject_ref:
+                return subject_id
+        return None
+
     def remove(self, subject_id: str) -> None:
         """Forget a subject id (after its erasure)."""
         entries = self._load()

@@ -4,13 +4,15 @@
 # sites (a site folder with its settings, plus a SuperNode each).
 #
 #   deploy/local/up.sh [STATE_DIR]      # default: ./facefed-local
-#   source STATE_DIR/env.sh             # FACEFED_SERVER_URL, admin key file, ...
+#   source STATE_DIR/env.sh             # FACEFED_SERVER_URL, FLWR_HOME, ...
+#   source STATE_DIR/admin-env.sh       # the server's settings: `facefed admin ...`
 #   FACEFED_SITE_DIR=... facefed site enroll ...  (see STATE_DIR/site-a/env.sh)
 #   deploy/local/down.sh [STATE_DIR]    # stops everything up.sh started
 #
 # PostgreSQL: FACEFED_DATABASE_URL when set (an existing server; the database
 # must exist), else a throwaway cluster made with Debian's PostgreSQL binaries
-# under STATE_DIR. Every wait is bounded; on any failure up.sh stops what it
+# under STATE_DIR (its own folder 0700, password logins only). For development
+# on a single-user machine: see the README's deploy section. Every wait is bounded; on any failure up.sh stops what it
 # started and exits non-zero. Process ids go to STATE_DIR/pids/, logs to
 # STATE_DIR/logs/.
 set -euo pipefail
@@ -77,15 +79,23 @@ else
   pg_port=$(free_port)
   as_user=()
   if [ "$(id -u)" = "0" ]; then as_user=(runuser -u postgres --); fi
+  # The cluster's folder, which is also its Unix socket folder, is private to
+  # the user running PostgreSQL (0700), and TCP logins need a random password
+  # (SCRAM), so other local users cannot reach the database.
   mkdir -p "$state/pg"
-  chmod 777 "$state/pg"
-  chown postgres "$state/pg" 2>/dev/null || true
-  "${as_user[@]}" "$pg_bin/initdb" -D "$state/pg/data" -U postgres --auth=trust >"$state/logs/initdb.log" 2>&1
+  chmod 700 "$state/pg"
+  if [ "$(id -u)" = "0" ]; then chown postgres:postgres "$state/pg"; fi
+  pg_password=$("$python" -c "import secrets; print(secrets.token_hex(24))")
+  (umask 077; printf '%s\n' "$pg_password" >"$state/pg/password")
+  if [ "$(id -u)" = "0" ]; then chown postgres:postgres "$state/pg/password"; fi
+  "${as_user[@]}" "$pg_bin/initdb" -D "$state/pg/data" -U postgres \
+    --auth-local=peer --auth-host=scram-sha-256 --pwfile="$state/pg/password" \
+    >"$state/logs/initdb.log" 2>&1
   "${as_user[@]}" "$pg_bin/pg_ctl" -D "$state/pg/data" -l "$state/pg/postgres.log" \
     -o "-h 127.0.0.1 -p $pg_port -k $state/pg" -w -t "$wait_s" start >/dev/null
   echo "$pg_bin" >"$state/pids/postgres.bin"
-  "$pg_bin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres facefed
-  database_url="postgresql+psycopg://postgres@127.0.0.1:$pg_port/facefed"
+  PGPASSWORD=$pg_password "$pg_bin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres facefed
+  database_url="postgresql+psycopg://postgres:$pg_password@127.0.0.1:$pg_port/facefed"
   log "PostgreSQL on 127.0.0.1:$pg_port"
 fi
 
@@ -155,12 +165,42 @@ address = "127.0.0.1:$link_port"
 insecure = true
 TOML
 
+# The gallery needs a protection key and a collection before sites can enroll
+# or search: made here as the admin, for the default embedding model (this
+# also exports that model to ONNX once, which the sites' first command reuses).
+FACEFED_SERVER_URL=$server_url "$python" - "$state/admin.key" <<'PY' 2>>"$state/logs/bootstrap.log"
+import sys
+from pathlib import Path
+
+from facefed.client.admin import AdminClient
+from facefed.models.zoo import load_default_embedder
+
+model = load_default_embedder().metadata
+admin_key = Path(sys.argv[1]).read_text(encoding="utf-8").strip()
+with AdminClient.connect(api_key=admin_key) as admin:
+    admin.create_protection_key("orthonormal-v1")
+    admin.create_collection(
+        "default", model_id=model.model_id, scheme="orthonormal-v1",
+        dim=model.embedding_size,
+    )
+PY
+log "collection 'default' created (scheme orthonormal-v1)"
+
+# env.sh: what every shell of this deployment needs (the server's URL, the
+# admin API key file for AdminClient, Flower's config). admin-env.sh: the
+# server's own settings, for `facefed admin ...` run on this machine.
 cat >"$state/env.sh" <<ENV
 export FACEFED_SERVER_URL=$server_url
-export FACEFED_LOCAL_DATABASE_URL=$database_url
 export FACEFED_LOCAL_ADMIN_KEY_FILE=$state/admin.key
 export FACEFED_LOCAL_SUPERLINK=127.0.0.1:$link_port
 export FLWR_HOME=$state/flwr
 export FACEFED_LOCAL_STATE=$state
 ENV
-log "up; source $state/env.sh (down: $here/down.sh $state)"
+(umask 077; cat >"$state/admin-env.sh" <<ENV
+export FACEFED_HOME=$server_home
+export FACEFED_DATABASE_URL=$database_url
+export FACEFED_KEY_VAULT_URL=sqlite:///$server_home/keyvault.db
+export FACEFED_MASTER_KEY_FILE=$server_home/master.key
+ENV
+)
+log "up; source $state/env.sh (admin commands: also $state/admin-env.sh; down: $here/down.sh $state)"

@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from facefed.client.admin import AdminClient
+from facefed.client.gallery import GalleryClient
 from facefed.client.launcher import facefed_command
 from facefed.client.settings import ClientSettings
 
@@ -181,19 +182,29 @@ def test_local_topology_enrolls_identifies_trains_one_round_and_erases(
 ):
     from facefed.client.federated.config import TrainingConfig
     from facefed.client.federated.store import SiteDataStore
-    from facefed.models.zoo import load_default_embedder
     from facefed.server.federated.runner import read_progress, start_deployment
 
     state, env = topology
-    metadata = load_default_embedder().metadata
+    # up.sh made the gallery's protection key and collection as the admin;
+    # the collection's key is served to the sites.
     admin_key = Path(env["FACEFED_LOCAL_ADMIN_KEY_FILE"]).read_text().strip()
     settings = ClientSettings(server_url=env["FACEFED_SERVER_URL"])
     with AdminClient.connect(api_key=admin_key, settings=settings) as admin:
-        admin.create_protection_key("orthonormal-v1")
-        admin.create_collection(
-            "default", model_id=metadata.model_id, scheme="orthonormal-v1",
-            dim=metadata.embedding_size,
-        )  # fmt: skip
+        created = admin.audit_events(action="admin.collection.create")
+    assert [event["details"]["collection"] for event in created] == ["default"]
+    site_key = (state / "site-a" / "api.key").read_text().strip()
+    with GalleryClient.from_settings(settings, api_key=site_key) as site_client:
+        assert site_client.protection_key().scheme_id == "orthonormal-v1"
+    # admin-env.sh holds the server's own settings (private to the user), so
+    # `facefed admin ...` reaches the deployment's database.
+    admin_env_file = state / "admin-env.sh"
+    assert admin_env_file.stat().st_mode & 0o077 == 0
+    admin_env = {**os.environ, **_read_env(admin_env_file)}
+    audit = subprocess.run(
+        [*facefed_command(), "admin", "audit-verify"], env=admin_env,
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert audit.returncode == 0, audit.stderr[-2000:]
 
     consent = tmp_path / "consent.json"
     consent.write_text(json.dumps({
