@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import tempfile
@@ -36,10 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import replace_section
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
-SECTIONS = ("detection", "embedding", "liveness", "gallery", "privacy", "federated")
 SHARED = Path(os.environ.get("FACEFED_SHARED_DATA", REPO.parent / "shared" / "data"))
 TARGET_RATIO = 2.5
 BATCHES = (64, 256)
@@ -334,23 +333,6 @@ def _keep_previous_rounds(results: dict[str, Any]) -> None:
         results["rounds_when"] = previous.get("rounds_when", previous["when"])
 
 
-def update_benchmarks_md(section_text: str) -> None:
-    if BENCHMARKS_MD.exists():
-        text = BENCHMARKS_MD.read_text()
-    else:
-        text = "# Benchmarks\n\n" + "".join(
-            f"<!-- section: {name} -->\n\n" for name in SECTIONS
-        )
-    marker = "<!-- section: federated -->"
-    if marker not in text:
-        text += f"\n{marker}\n\n"
-    start = text.index(marker) + len(marker)
-    following = re.search(r"<!-- section: ", text[start:])
-    end = start + following.start() if following else len(text)
-    body = "\n\n## Federated training\n\n" + section_text + "\n\n"
-    BENCHMARKS_MD.write_text(text[:start] + body + text[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
@@ -391,7 +373,7 @@ def main() -> None:
     (RESULTS / "federated.json").write_text(json.dumps(results, indent=1))
     text = _markdown(results, arguments.load_note)
     (RESULTS / "federated.md").write_text(text + "\n")
-    update_benchmarks_md(text)
+    replace_section("federated", "## Federated training\n\n" + text)
     print(text)
 
 
