@@ -531,7 +531,10 @@ def write_report(ctx: DemoContext) -> None:
         before.get("impostor_scores", []), bins=bins, alpha=0.6, label="never enrolled"
     )
     if before:
-        axis.axvline(before["threshold"], color="k", linestyle="--", label="threshold")
+        threshold = float(before["threshold"])
+        axis.axvline(
+            threshold, color="k", linestyle="--", label=f"threshold {threshold:.3f}"
+        )
     axis.set_xlabel("best identify score (cosine)")
     axis.set_ylabel("probes")
     axis.legend()
@@ -907,8 +910,12 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
             begin = time.monotonic()
             try:
                 step(ctx)
-            except DemoError:
-                raise
+            except DemoError as error:
+                if str(error).startswith("The demo stopped at step"):
+                    raise
+                raise DemoError(
+                    f"The demo stopped at step '{name}': {error}"
+                ) from error
             except FacefedError as error:
                 raise DemoError(
                     f"The demo stopped at step '{name}': {error}"
@@ -920,11 +927,32 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
                     f"The demo stopped at step '{name}': {kind}: {error}"
                 ) from error
             ctx.timings[name] = time.monotonic() - begin
+    except DemoError as error:
+        _mark_failed(config.output, str(error))
+        raise
     finally:
         agent_logger.setLevel(agent_level)
         _stop_everything(ctx)
+    (config.output / FAILED_MARKER).unlink(missing_ok=True)
     console.rule(f"[bold green]done in {time.monotonic() - started:.0f} s")
     return ctx.results
+
+
+FAILED_MARKER = "FAILED.txt"
+"""Written to the output folder by a failed run, naming the failed step."""
+
+REPORT_FILES = ("report.md", "results.json", "scores.png", "timings.png")
+"""What a successful run writes; a failed run removes an older run's copies."""
+
+
+def _mark_failed(output: Path, message: str) -> None:
+    """Remove an earlier run's report so it is not taken for this run's."""
+    for name in REPORT_FILES:
+        (output / name).unlink(missing_ok=True)
+    (output / FAILED_MARKER).write_text(
+        f"{datetime.now(UTC).isoformat(timespec='seconds')}: {message}\n",
+        encoding="utf-8",
+    )
 
 
 def _stop_everything(ctx: DemoContext) -> None:

@@ -5,6 +5,7 @@ import socket
 import pytest
 from rich.console import Console
 
+from facefed.client import demo
 from facefed.client.demo import STEPS, DemoConfig, DemoError, run_demo
 
 
@@ -18,7 +19,6 @@ def _port_open(url: str) -> bool:
 @pytest.mark.slow
 def test_the_fast_demo_runs_every_step_and_writes_its_report(tmp_path, monkeypatch):
     servers = []
-    import facefed.client.demo as demo
 
     original = demo.ServerProcess.start
 
@@ -57,9 +57,17 @@ def test_the_fast_demo_runs_every_step_and_writes_its_report(tmp_path, monkeypat
 
 
 def test_a_failing_step_stops_the_demo_naming_it(tmp_path):
-    with pytest.raises(DemoError, match="people with three photos"):
+    # An earlier run's report must not survive a failed run.
+    stale = {name: tmp_path / name for name in demo.REPORT_FILES}
+    for path in stale.values():
+        path.write_text("an earlier run")
+    with pytest.raises(DemoError, match="people with three photos") as caught:
         run_demo(
             # Only tests/data (48 people): the shared set is pointed elsewhere.
             DemoConfig(output=tmp_path, people_per_site=40, shared_dir=tmp_path),
             console=Console(record=True),
         )
+    assert "step 'prepare folder'" in str(caught.value)
+    assert not [name for name, path in stale.items() if path.exists()]
+    marker = (tmp_path / demo.FAILED_MARKER).read_text()
+    assert "step 'prepare folder'" in marker
