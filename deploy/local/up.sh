@@ -82,6 +82,11 @@ else
   # The cluster's folder, which is also its Unix socket folder, is private to
   # the user running PostgreSQL (0700), and TCP logins need a random password
   # (SCRAM), so other local users cannot reach the database.
+  if [ "$(id -u)" = "0" ] && ! runuser -u postgres -- test -x "$state"; then
+    log "the postgres user cannot enter $state (a parent folder is private):"
+    log "use a state folder it can reach, or set FACEFED_DATABASE_URL"
+    exit 1
+  fi
   mkdir -p "$state/pg"
   chmod 700 "$state/pg"
   if [ "$(id -u)" = "0" ]; then chown postgres:postgres "$state/pg"; fi
