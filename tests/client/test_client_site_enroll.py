@@ -1,6 +1,8 @@
 """`facefed site enroll` refuses a subject ref the site already enrolled."""
 
 import json
+import shutil
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -54,3 +56,20 @@ def test_a_new_enrollment_needs_a_ref_and_consent(site_dir, test_data):
     result = CliRunner().invoke(site_app, ["enroll", str(photo)])
     assert isinstance(result.exception, ConfigurationError)
     assert "--subject-ref" in str(result.exception)
+
+
+def test_a_subject_erased_on_the_server_is_dropped_locally(site_dir, test_data):
+    from facefed.client.commands import _forget_erased
+    from facefed.client.federated.store import SiteDataStore
+
+    training = site_dir / "training"
+    source = test_data / "lfw" / "Ann_Veneman"
+    shutil.copytree(source, training / "Ann_Veneman")
+    registry = SiteRegistry(site_dir)
+    registry.record("subject-1", "Ann_Veneman")
+    registry.record("subject-2", "bob")
+    store = SiteDataStore(training, min_photos_per_identity=1)
+    _forget_erased(SimpleNamespace(data_store=store), "subject-1")
+    assert registry.ref_of("subject-1") is None
+    assert registry.ref_of("subject-2") == "bob"
+    assert "Ann_Veneman" in store.erased()
