@@ -337,9 +337,12 @@ def _epoch(
         loss.backward()
         optimizer.step()
         steps += 1
-        total_loss += float(loss.detach())
+        # Poisson sampling can draw an empty batch: the step still adds the
+        # noise (the accountant counts it), but its mean loss is NaN.
+        value = float(loss.detach()) if batch_labels.numel() else 0.0
+        total_loss += value
         if on_step is not None:
-            on_step(steps, float(loss.detach()))
+            on_step(steps, value)
     return steps, total_loss
 
 

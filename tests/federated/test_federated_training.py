@@ -269,3 +269,25 @@ def test_stage5_norm_samplers_match_the_norms_of_opacus_per_sample_gradients():
                 rtol=1e-4,
                 atol=1e-5,
             )
+
+
+def test_an_empty_poisson_batch_still_steps_and_reports_a_finite_loss():
+    from facefed.client.federated.training import dp_train
+
+    generator = torch.Generator().manual_seed(2)
+    top = torch.nn.Linear(10, 4, bias=False)
+    head = CosineClassifier(4, 3, generator=generator)
+    before = top.weight.detach().clone()
+    # Sample rate 1/N = 1/200: most batches of this tiny run are empty.
+    result = dp_train(
+        top,
+        head,
+        torch.randn(200, 10, generator=generator),
+        torch.arange(200) % 3,
+        config=TrainingConfig(batch_size=1, max_grad_norm=1.0),
+        noise_multiplier=1.0,
+        generator=generator,
+    )
+    assert result.steps == 200
+    assert math.isfinite(result.mean_loss)
+    assert torch.isfinite(top.weight).all() and not torch.equal(top.weight, before)
