@@ -47,10 +47,19 @@ def get_core_settings() -> CoreSettings:
     try:
         return CoreSettings()
     except ValidationError as invalid:
-        raise ConfigurationError(_describe(invalid)) from None
+        raise ConfigurationError(describe_invalid_settings(invalid)) from None
 
 
-def _describe(invalid: ValidationError) -> str:
+def describe_invalid_settings(invalid: ValidationError) -> str:
+    """Return a sentence naming each invalid `FACEFED_*` variable, never its value.
+
+    Args:
+        invalid: The error pydantic-settings raised while reading the environment.
+
+    Returns:
+        "Invalid setting: FACEFED_X: <reason>; ...", safe to print even when the
+        variable holds a secret.
+    """
     problems = [
         f"FACEFED_{'_'.join(str(part) for part in error['loc']).upper()}: "
         f"{error['msg']}"

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from facefed.core.errors import FacefedError
+from facefed.core.errors import ConfigurationError, FacefedError
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +112,24 @@ def purge_expired() -> None:
 
 @admin_app.command("audit-verify")
 def audit_verify() -> None:
-    """Check the audit log's hash chain; exit 1 if any event was edited or removed."""
-    service = _service()
-    try:
-        result = service.verify_audit()
-    finally:
-        service.close()
+    """Check the audit log's hash chain; exit 1 if any event was edited or removed.
+
+    Opens the configured database read-only in spirit: it is never created
+    or migrated here, so a wrong `FACEFED_HOME` or URL is an error (exit 8)
+    instead of a fresh empty log reported as intact.
+    """
+    from facefed.server.settings import get_server_settings
+
+    settings = get_server_settings()
+    result = _verify_existing_audit(settings.resolved_database_url)
     if result.ok:
         typer.echo(f"audit log intact: {result.events} event(s)")
+        if result.events == 0:
+            typer.echo(
+                "WARNING: the audit log is empty; a server that has run writes "
+                "events. Check that this is the right database.",
+                err=True,
+            )
         return
     for problem in result.problems:
         typer.echo(problem, err=True)
@@ -129,17 +139,70 @@ def audit_verify() -> None:
     raise AuditBrokenError("The audit log failed verification.")
 
 
+def _verify_existing_audit(url: str):  # type: ignore[no-untyped-def]
+    """Verify the chain of an existing, migrated database without changing it."""
+    from sqlalchemy import inspect
+
+    from facefed.core.errors import NotFoundError
+    from facefed.server.audit import verify_chain
+    from facefed.server.db import make_engine, make_session_factory, session_scope
+
+    engine = make_engine(url, create=False)
+    try:
+        if not inspect(engine).has_table("audit_events"):
+            raise NotFoundError(
+                "The database has no audit log (no facefed server has run on "
+                "it): check FACEFED_HOME or FACEFED_DATABASE_URL."
+            )
+        with session_scope(make_session_factory(engine)) as session:
+            return verify_chain(session)
+    finally:
+        engine.dispose()
+
+
 @admin_app.command("verify-receipt")
 def verify_receipt(
     receipt_file: Annotated[Path, typer.Argument(help="Receipt JSON file.")],
-    public_key_file: Annotated[Path, typer.Argument(help="Public key PEM file.")],
+    public_key_file: Annotated[
+        Path,
+        typer.Argument(
+            help="The server's public key: the JSON of /v1/receipts/public-key "
+            "or the PEM inside it."
+        ),
+    ],
 ) -> None:
-    """Check an erasure receipt's signature against the server's public key."""
+    """Check an erasure receipt's signature against the server's public key.
+
+    Exits 1 when the signature is invalid and 2 when a file is missing or
+    unusable, so a script can tell a forged receipt from a wrong path.
+    """
+    from facefed.server.receipts import public_key_pem_from_text
     from facefed.server.receipts import verify_receipt as check
 
-    receipt = json.loads(receipt_file.read_text())
-    if check(receipt, public_key_file.read_text()):
+    try:
+        receipt = json.loads(_read_input(receipt_file, "receipt"))
+    except json.JSONDecodeError:
+        receipt = None
+    if not isinstance(receipt, dict):
+        raise ConfigurationError(
+            f"The receipt file {receipt_file} is not a JSON object."
+        )
+    pem = public_key_pem_from_text(_read_input(public_key_file, "public key"))
+    if check(receipt, pem):
         typer.echo("receipt signature valid")
         return
     typer.echo("receipt signature INVALID", err=True)
     raise AuditBrokenError("The receipt's signature does not verify.")
+
+
+def _read_input(path: Path, what: str) -> str:
+    """Read a small text input file, turning OS errors into a clean error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigurationError(f"The {what} file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise ConfigurationError(
+            f"The {what} file {path} cannot be read: {reason}."
+        ) from None

@@ -8,9 +8,11 @@ that a copy of this database never holds what decrypts its templates.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,13 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    make_url,
+    text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from facefed.core.errors import NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -274,8 +280,33 @@ class ServerSecret(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets foreign keys on and a busy timeout."""
+def sqlite_path(url: str) -> Path | None:
+    """Return the file of a SQLite URL, or None (another database, or in memory)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def make_engine(url: str, *, create: bool = True) -> Engine:
+    """Create an engine; SQLite gets foreign keys on, a busy timeout, 0600 files.
+
+    Args:
+        url: SQLAlchemy URL.
+        create: When False, a SQLite file that does not exist is an error
+            instead of being created (for read-only checks such as
+            `facefed admin audit-verify`, where an empty new database would
+            give a false all-clear).
+
+    Raises:
+        NotFoundError: `create` is False and the SQLite file does not exist.
+    """
+    path = sqlite_path(url)
+    if path is not None:
+        _prepare_sqlite_file(path, create=create)
     is_sqlite = url.startswith("sqlite")
     connect_args: dict[str, Any] = (
         {"check_same_thread": False, "timeout": 30} if is_sqlite else {}
@@ -283,6 +314,8 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not is_sqlite)
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
+    if path is not None:
+        event.listen(engine, "connect", lambda *_: _restrict_sqlite_files(path))
     return engine
 
 
@@ -294,6 +327,29 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     # subjects' rows and data keys must not linger in the file.
     cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
+
+
+def _prepare_sqlite_file(path: Path, *, create: bool) -> None:
+    if path.exists():
+        return
+    if not create:
+        raise NotFoundError(f"The SQLite database {path} does not exist.")
+    # SQLite gives its -wal, -shm and journal files the database file's mode,
+    # so creating the database 0600 first keeps every side file 0600 too.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def _restrict_sqlite_files(path: Path) -> None:
+    # Files made before the database was created 0600 (older installs, or a
+    # database created by another tool) are tightened on every connection.
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        side = path.with_name(name)
+        try:
+            if side.stat().st_mode & 0o077:
+                side.chmod(0o600)
+        except FileNotFoundError:
+            continue
 
 
 def flush_deleted(engine: Engine) -> None:
@@ -328,14 +384,48 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+# Any fixed 64-bit key: PostgreSQL advisory locks are named by a number.
+_SCHEMA_LOCK_KEY = 0x66616365666564  # "facefed"
+
+
+@contextmanager
+def schema_lock(engine: Engine) -> Iterator[Connection]:
+    """Yield a connection in a transaction that holds the schema-change lock.
+
+    Two processes started together on a fresh database (`facefed serve &`
+    then `facefed admin create-key`) would otherwise both create the tables
+    and one would fail with "table already exists". On SQLite an exclusive
+    `flock` on a file beside the database serialises them (pysqlite runs DDL
+    outside the transaction, so a SQLite lock alone does not); on PostgreSQL a
+    transaction-level advisory lock, released at commit.
+    """
+    path = sqlite_path(str(engine.url))
+    with ExitStack() as stack:
+        if path is not None:
+            lock_path = path.with_name(f"{path.name}.lock")
+            descriptor = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+            stack.callback(os.close, descriptor)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, descriptor, fcntl.LOCK_UN)
+        connection = stack.enter_context(engine.begin())
+        if engine.dialect.name == "postgresql":
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+            )
+        yield connection
+
+
 def run_migrations(engine: Engine) -> None:
-    """Upgrade the database to the newest Alembic revision (idempotent)."""
+    """Upgrade the database to the newest Alembic revision (idempotent).
+
+    Safe to run from several processes at once: see `schema_lock`.
+    """
     from alembic import command
     from alembic.config import Config
 
     config = Config(str(MIGRATIONS_DIR / "alembic.ini"))
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as connection:
+    with schema_lock(engine) as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
     logger.debug("Database schema is at the newest migration")

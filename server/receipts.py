@@ -11,7 +11,7 @@ import base64
 import json
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -76,7 +76,10 @@ def verify_receipt(receipt: dict[str, Any], public_key_pem: str) -> bool:
     Raises:
         ConfigurationError: The public key is not an Ed25519 PEM key.
     """
-    key = serialization.load_pem_public_key(public_key_pem.encode())
+    try:
+        key = serialization.load_pem_public_key(public_key_pem.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigurationError("The receipt public key is not a PEM key.") from None
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigurationError("The receipt public key is not an Ed25519 key.")
     signature = receipt.get("signature")
@@ -87,3 +90,35 @@ def verify_receipt(receipt: dict[str, Any], public_key_pem: str) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def public_key_pem_from_text(text: str) -> str:
+    """Return the PEM from a public key file's text: PEM or the endpoint's JSON.
+
+    `/v1/receipts/public-key` answers `{"algorithm", "public_key_pem"}`; a user
+    may save that answer as it is or only the PEM inside it.
+
+    Args:
+        text: The file's text.
+
+    Returns:
+        The PEM text (not yet parsed; `verify_receipt` checks it).
+
+    Raises:
+        ConfigurationError: The text is JSON without a string `public_key_pem`.
+    """
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return stripped
+    try:
+        document = json.loads(stripped)
+    except json.JSONDecodeError:
+        raise ConfigurationError(
+            "The public key file is neither a PEM key nor valid JSON."
+        ) from None
+    pem = document.get("public_key_pem") if isinstance(document, dict) else None
+    if not isinstance(pem, str):
+        raise ConfigurationError(
+            "The public key JSON has no string field 'public_key_pem'."
+        )
+    return pem

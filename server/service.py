@@ -23,7 +23,6 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -220,21 +219,8 @@ class GalleryService:
     def start(self) -> None:
         """Migrate the database, load the signing key, rebuild every index."""
         run_migrations(self.engine)
-        self._restrict_sqlite_files()
         self.signer = ReceiptSigner(self._signing_key())
         self.reconcile()
-
-    def _restrict_sqlite_files(self) -> None:
-        # Templates and wrapped keys are sealed, but the files need not be
-        # world-readable either.
-        for url in (
-            self.settings.resolved_database_url,
-            self.settings.resolved_key_vault_url,
-        ):
-            if url.startswith("sqlite:///"):
-                path = Path(url.removeprefix("sqlite:///"))
-                if path.exists():
-                    path.chmod(0o600)
 
     def close(self) -> None:
         """Release database connections."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from facefed.core.settings import get_core_settings
+from facefed.core.errors import ConfigurationError
+from facefed.core.settings import describe_invalid_settings, get_core_settings
 
 
 class ServerSettings(BaseSettings):
@@ -88,5 +89,14 @@ class ServerSettings(BaseSettings):
 
 
 def get_server_settings() -> ServerSettings:
-    """Return server settings read from the environment now (never cached)."""
-    return ServerSettings()
+    """Return server settings read from the environment now (never cached).
+
+    Raises:
+        ConfigurationError: When a `FACEFED_*` variable holds an invalid value;
+            the message names the variable but never its value, since some of
+            them hold secrets (`FACEFED_MASTER_KEY`).
+    """
+    try:
+        return ServerSettings()
+    except ValidationError as invalid:
+        raise ConfigurationError(describe_invalid_settings(invalid)) from None

@@ -26,6 +26,7 @@ from facefed.server.db import (
     flush_deleted,
     make_engine,
     make_session_factory,
+    schema_lock,
     session_scope,
     utcnow,
 )
@@ -60,7 +61,10 @@ class KeyVault:
         self.engine: Engine = make_engine(url)
         # One table whose shape never changes; created directly rather than
         # through the main database's migrations, because it lives elsewhere.
-        _VaultBase.metadata.create_all(self.engine)
+        # Under the schema lock: two processes starting on a fresh vault
+        # would otherwise both try to create the table.
+        with schema_lock(self.engine) as connection:
+            _VaultBase.metadata.create_all(connection)
         self._sessions = make_session_factory(self.engine)
         self._wrapper = wrapper
 
