@@ -65,7 +65,9 @@ def train(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option(help="TOML file with a [training] table (keys as in pyproject)."),
+        typer.Option(
+            help="TOML file with a \\[training] table (keys as in pyproject)."
+        ),
     ] = None,
     federation: Annotated[
         str | None,
@@ -223,7 +225,14 @@ def runs_promote(
     from facefed.server.federated.runs import promote
 
     promote(model_id, collection, force_new_gallery=force_new_gallery)
-    typer.echo(f"{model_id} now serves {collection}")
+    # FIXME: promotion is recorded and the ONNX registered, but a running
+    # server keeps serving the collection's current model until the gallery
+    # is re-keyed or re-enrolled for the new one; the message says so.
+    typer.echo(
+        f"recorded {model_id} as the model for collection {collection}; "
+        "sites embed with it once they use it, and the gallery keeps serving "
+        "its current model until it is migrated"
+    )
 
 
 def eval_federated(
