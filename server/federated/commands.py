@@ -225,13 +225,12 @@ def runs_promote(
     from facefed.server.federated.runs import promote
 
     promote(model_id, collection, force_new_gallery=force_new_gallery)
-    # FIXME: promotion is recorded and the ONNX registered, but a running
-    # server keeps serving the collection's current model until the gallery
-    # is re-keyed or re-enrolled for the new one; the message says so.
+    # FIXME: promotion is recorded and the ONNX registered, but the running
+    # gallery keeps serving the collection's current model (templates of two
+    # models are never compared) until it is re-enrolled with the new one.
     typer.echo(
-        f"recorded {model_id} as the model for collection {collection}; "
-        "sites embed with it once they use it, and the gallery keeps serving "
-        "its current model until it is migrated"
+        f"recorded {model_id} as the promoted model of collection {collection}; "
+        "the gallery keeps serving its current model until it is re-enrolled"
     )
 
 
