@@ -7,14 +7,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from facefed.core.errors import ConfigurationError
-from facefed.core.settings import get_core_settings
-
-try:
-    from facefed.core.settings import describe_invalid_settings
-except ImportError:  # FIXME: remove once core/settings.py's public name is committed.
-    from facefed.core.settings import (  # type: ignore[attr-defined,no-redef,unused-ignore]
-        _describe as describe_invalid_settings,
-    )
+from facefed.core.settings import describe_invalid_settings, get_core_settings
 
 
 class ClientSettings(BaseSettings):
