@@ -393,20 +393,6 @@ def read_dlib_net(path: str | Path) -> DlibNet:
     return net
 
 
-def _dump(path: str) -> None:
-    net = read_dlib_net(path)
-    print(net.loss, net.loss_params)
-    print(net.input)
-    for index, layer in enumerate(net.layers):
-        shapes = {key: value.shape for key, value in layer.tensors.items()}
-        print(index, layer.kind, layer.name, layer.ints, shapes)
-
-
-if __name__ == "__main__":
-    import sys
-
-    _dump(sys.argv[1])
-
 __all__ = [
     "DlibFormatError",
     "DlibNet",
