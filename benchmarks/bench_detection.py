@@ -217,7 +217,7 @@ def to_markdown(results: dict[str, object]) -> str:
         f"about {results['baseline_rss_mb']:.0f} MB before the detector and its "
         "libraries are loaded).",
         f"Machine: {results['machine']}; load average at start "
-        f"{results['load_average']} (8 engineers shared 2 cores while this ran).",
+        f"{results['load_average']}.",
     ]
     if target:
         notes.append(f"Target: {target}")
