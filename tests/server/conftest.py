@@ -206,3 +206,15 @@ def expire_consent(settings, subject_id: str) -> None:
             )
     finally:
         engine.dispose()
+
+
+def enroll_site_subject(client, world: World, embedding: np.ndarray):
+    """Enroll one subject with a default consent through the first site's key."""
+    return client.post(
+        "/v1/subjects",
+        json={
+            "consent": consent(),
+            "templates": [wire(world.protection_key, embedding)],
+        },
+        headers=world.auth(world.site_key),
+    )

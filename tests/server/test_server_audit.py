@@ -1,7 +1,7 @@
 """The audit hash chain detects edited and removed events (API and CLI)."""
 
 import numpy as np
-from conftest import consent, unit_vectors, wire
+from conftest import enroll_site_subject, unit_vectors
 from sqlalchemy import text
 from typer.testing import CliRunner
 
@@ -9,14 +9,7 @@ from typer.testing import CliRunner
 def _some_events(world):
     for seed in range(3):
         vector = unit_vectors(np.random.default_rng(seed), 1)[0]
-        world.client.post(
-            "/v1/subjects",
-            json={
-                "consent": consent(),
-                "templates": [wire(world.protection_key, vector)],
-            },
-            headers=world.auth(world.site_key),
-        )
+        enroll_site_subject(world.client, world, vector)
 
 
 def _verify(world):

@@ -5,7 +5,13 @@ import stat
 
 import numpy as np
 import pytest
-from conftest import bootstrap_admin, consent, make_app, setup_world, unit_vectors, wire
+from conftest import (
+    bootstrap_admin,
+    enroll_site_subject,
+    make_app,
+    setup_world,
+    unit_vectors,
+)
 from fastapi.testclient import TestClient
 
 from facefed.core.errors import ConfigurationError
@@ -98,14 +104,7 @@ def test_backup_copy_is_unreadable_after_erasure(settings, tmp_path):
     with TestClient(make_app(settings)) as client:
         world = setup_world(client, admin)
         vector = unit_vectors(np.random.default_rng(7), 1)[0]
-        enrolled = client.post(
-            "/v1/subjects",
-            json={
-                "consent": consent(),
-                "templates": [wire(world.protection_key, vector)],
-            },
-            headers=world.auth(world.site_key),
-        ).json()
+        enrolled = enroll_site_subject(client, world, vector).json()
         url = settings.resolved_database_url
         if url.startswith("sqlite"):
             # A file copy of the database, as a backup tool would make it.

@@ -6,12 +6,11 @@ import time
 import numpy as np
 from conftest import (
     bootstrap_admin,
-    consent,
+    enroll_site_subject,
     expire_consent,
     make_app,
     setup_world,
     unit_vectors,
-    wire,
 )
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -66,14 +65,7 @@ def test_cli_purge_expired(settings, monkeypatch):
     with TestClient(make_app(settings)) as client:
         world = setup_world(client, admin)
         vector = unit_vectors(np.random.default_rng(0), 1)[0]
-        enrolled = client.post(
-            "/v1/subjects",
-            json={
-                "consent": consent(),
-                "templates": [wire(world.protection_key, vector)],
-            },
-            headers=world.auth(world.site_key),
-        )
+        enrolled = enroll_site_subject(client, world, vector)
         assert enrolled.status_code == 201, enrolled.text
         expire_consent(settings, enrolled.json()["subject_id"])
     result = _cli(settings, monkeypatch, "admin", "purge-expired")
@@ -89,14 +81,7 @@ def test_background_task_purges_expired_consents(settings):
     with TestClient(make_app(fast)) as client:
         world = setup_world(client, admin)
         vector = unit_vectors(np.random.default_rng(1), 1)[0]
-        enrolled = client.post(
-            "/v1/subjects",
-            json={
-                "consent": consent(),
-                "templates": [wire(world.protection_key, vector)],
-            },
-            headers=world.auth(world.site_key),
-        )
+        enrolled = enroll_site_subject(client, world, vector)
         assert enrolled.status_code == 201
         subject = enrolled.json()["subject_id"]
         expire_consent(fast, subject)
@@ -123,14 +108,7 @@ def test_cli_verifies_an_erasure_receipt(settings, monkeypatch, tmp_path):
     with TestClient(make_app(settings)) as client:
         world = setup_world(client, admin)
         vector = unit_vectors(np.random.default_rng(2), 1)[0]
-        subject = client.post(
-            "/v1/subjects",
-            json={
-                "consent": consent(),
-                "templates": [wire(world.protection_key, vector)],
-            },
-            headers=world.auth(world.site_key),
-        ).json()["subject_id"]
+        subject = enroll_site_subject(client, world, vector).json()["subject_id"]
         receipt = client.delete(
             f"/v1/subjects/{subject}", headers=world.auth(world.site_key)
         ).json()

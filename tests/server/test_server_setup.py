@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import bootstrap_admin, make_app, setup_world
+from conftest import bootstrap_admin, enroll_site_subject, make_app, setup_world
 from fastapi.testclient import TestClient
 
 SECRET_KEY_TEXT = "c2VjcmV0LW1hc3Rlci1rZXktdGhhdC1tdXN0LW5vdC1sZWFr"
@@ -84,20 +84,13 @@ def test_an_invalid_master_key_setting_never_shows_the_key(monkeypatch):
 def receipt_files(settings, tmp_path: Path) -> tuple[Path, Path, Path]:
     """A real erasure receipt and the key endpoint's JSON and PEM, saved as files."""
     import numpy as np
-    from conftest import consent, unit_vectors, wire
+    from conftest import unit_vectors
 
     admin = bootstrap_admin(settings)
     with TestClient(make_app(settings)) as client:
         world = setup_world(client, admin)
         vector = unit_vectors(np.random.default_rng(11), 1)[0]
-        subject = client.post(
-            "/v1/subjects",
-            json={
-                "consent": consent(),
-                "templates": [wire(world.protection_key, vector)],
-            },
-            headers=world.auth(world.site_key),
-        ).json()["subject_id"]
+        subject = enroll_site_subject(client, world, vector).json()["subject_id"]
         receipt = client.delete(
             f"/v1/subjects/{subject}", headers=world.auth(world.site_key)
         ).json()
