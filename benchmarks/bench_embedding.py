@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.report import replace_section
+from benchmarks.report import load_note, replace_section
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -169,7 +169,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--load-note",
-        default="8 engineers shared the machine's 2 cores while this ran.",
+        default=load_note(),
+        help="How busy the machine was (default: its measured load average).",
     )
     arguments = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(arguments.threads))

@@ -317,8 +317,7 @@ def main() -> None:
         "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_at_start": load,
-        "load_note": f"load average at start {load:.1f}; 8 engineers shared the "
-        "machine's 2 cores while this ran.",
+        "load_note": f"load average at start {load:.1f} on {os.cpu_count()} cores.",
         "queries": args.queries,
         "faiss": faiss.__version__,
         "sizes": [],

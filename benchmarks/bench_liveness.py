@@ -122,7 +122,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Measured {report['measured_at']} on {report['machine']}, one thread, "
         f"{report['repeats']} repeats per frame on {len(FRAMES)} real frames "
         "(3 Silent-Face 640x480, 3 LFW 250x250); load average at start "
-        f"{report['load_average_at_start'][0]:.1f} — 8 engineers shared the 2 cores.",
+        f"{report['load_average_at_start'][0]:.1f}.",
         "",
         "| stage | median ms per face | slowest frame ms |",
         "| --- | --- | --- |",

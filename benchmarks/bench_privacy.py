@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.report import replace_section
+from benchmarks.report import load_note, replace_section
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -193,7 +193,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--load-note",
-        default="8 engineers shared the machine's 2 cores while this ran.",
+        default=load_note(),
+        help="How busy the machine was (default: its measured load average).",
     )
     arguments = parser.parse_args()
     report = {

@@ -36,3 +36,16 @@ def replace_section(section: str, body: str, *, path: Path = BENCHMARKS_MD) -> N
     following = text.find("<!-- section: ", start)
     end = following if following != -1 else len(text)
     path.write_text(text[:start] + "\n\n" + body.strip("\n") + "\n\n" + text[end:])
+
+
+def load_note() -> str:
+    """How busy the machine was when a benchmark started, as measured, not assumed."""
+    import os
+
+    one_minute = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    busy = "quiet" if one_minute < 1.0 else "shared"
+    return (
+        f"{busy} machine: 1-minute load average {one_minute:.1f} at start "
+        f"on {cores} cores."
+    )

@@ -7,7 +7,13 @@ margin head on them. Per-sample clipping and noise are applied to every
 trained parameter, the head included, because the head feeds the shared
 layers' gradients in later steps (Abadi et al., 2016, "Deep Learning with
 Differential Privacy"). Opacus draws batches by Poisson sampling, which the
-privacy amplification of the accountant assumes.
+privacy amplification of the accountant assumes, and adds the noise.
+
+Clipping takes one of two paths. The default shared top, the final
+projection alone, gets every per-sample gradient norm and the clipped sum
+from a single backward pass (`fast_clipping`); deeper tops use Opacus' ghost
+clipping, which runs the backward pass twice. Both give the sum of clipped
+per-sample gradients to the same Opacus optimiser.
 
 The margin is applied outside the module Opacus wraps: the wrapped head only
 computes cosine logits (one input, one output, as Opacus' per-sample gradient
@@ -137,6 +143,17 @@ class SiteLoss(nn.Module):
         targets: torch.Tensor,
     ) -> torch.Tensor:
         """ArcFace loss plus, with ``compat="l2"``, the compatibility term."""
+        losses = self.per_sample(embeddings, cosine, labels, targets)
+        return losses.mean() if self.reduction == "mean" else losses
+
+    def per_sample(
+        self,
+        embeddings: torch.Tensor,
+        cosine: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """Each sample's loss (N,), whatever `reduction` says."""
         losses = arcface_loss(
             cosine,
             labels,
@@ -148,7 +165,7 @@ class SiteLoss(nn.Module):
             losses = losses + self.config.compat_weight * compatibility_loss(
                 embeddings, targets, reduction="none"
             )
-        return losses.mean() if self.reduction == "mean" else losses
+        return losses
 
 
 class _TopWithHead(nn.Module):
@@ -237,10 +254,7 @@ def dp_train(
     Raises:
         ConfigurationError: The inputs do not line up.
     """
-    from opacus import PrivacyEngine
-
-    # Registers closed-form per-sample gradients of the affine layers and head.
-    from facefed.client.federated import grad_samplers  # noqa: F401
+    from facefed.client.federated.fast_clipping import projection_of
 
     num_examples = int(labels.shape[0])
     if features.shape[0] != num_examples or num_examples == 0:
@@ -276,23 +290,14 @@ def dp_train(
     with warnings.catch_warnings():
         # Opacus warns about secure_mode on every call; said once above.
         warnings.simplefilter("ignore", UserWarning)
-        engine = PrivacyEngine(accountant=config.accountant, secure_mode=False)
-        # Ghost clipping: per-sample gradient norms in closed form (Opacus'
-        # for the projection, `grad_samplers` for the head), never the
-        # per-sample gradients themselves, whose size is batch x parameters.
-        private_model, private_optimizer, criterion, private_loader = (
-            engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                criterion=SiteLoss(config),
-                data_loader=loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=config.max_grad_norm,
-                poisson_sampling=True,
-                noise_generator=generator,
-                grad_sample_mode="ghost",
+        if projection_of(top) is not None:
+            step, private_loader, release = _one_backward_dp(
+                top, head, optimizer, loader, config, noise_multiplier, generator
             )
-        )
+        else:
+            step, private_loader, release = _ghost_dp(
+                model, optimizer, loader, config, noise_multiplier, generator
+            )
 
     steps, total_loss = 0, 0.0
     with warnings.catch_warnings():
@@ -300,50 +305,129 @@ def dp_train(
         # backward hooks fire on module outputs only: expected here.
         warnings.filterwarnings("ignore", message="Full backward hook")
         for _ in range(config.local_epochs):
-            steps, total_loss = _epoch(
-                private_model,
-                private_optimizer,
-                private_loader,
-                criterion,
-                steps,
-                total_loss,
-                on_step,
-            )
+            for batch_features, batch_labels, batch_targets in private_loader:
+                value = step(batch_features, batch_labels, batch_targets)
+                steps += 1
+                total_loss += value
+                if on_step is not None:
+                    on_step(steps, value)
 
-    _unwrap(private_model)
-    sample_rate = float(private_loader.sample_rate)
+    release()
     return LocalTrainResult(
         num_examples=num_examples,
         steps=steps,
         mean_loss=total_loss / max(steps, 1),
         noise_multiplier=noise_multiplier,
-        sample_rate=sample_rate,
+        # Opacus' DPDataLoader samples each example with q = 1 / len(loader).
+        sample_rate=1.0 / len(loader),
     )
 
 
-def _epoch(
+# One DP-SGD step on a batch (features, labels, compat targets): its mean loss.
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]
+
+
+def _one_backward_dp(
+    top: nn.Module,
+    head: CosineClassifier,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    config: TrainingConfig,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple[Step, DataLoader, Callable[[], None]]:
+    """DP-SGD for a lone projection: clipping in one backward pass (`fast_clipping`).
+
+    Poisson sampling, noise and averaging are Opacus' own, set up as its
+    `make_private` does for ghost clipping.
+    """
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from facefed.client.federated.fast_clipping import clip_projection_and_head
+
+    private_loader = DPDataLoader.from_data_loader(loader, generator=generator)
+    expected_batch_size = int(len(loader.dataset) * private_loader.sample_rate)  # type: ignore[arg-type]
+    private_optimizer = DPOptimizerFastGradientClipping(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=config.max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
+        secure_mode=False,
+    )
+    criterion = SiteLoss(config)
+
+    def step(
+        features: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
+    ) -> float:
+        private_optimizer.zero_grad(set_to_none=True)
+        losses = clip_projection_and_head(
+            top,
+            head,
+            criterion,
+            features,
+            labels,
+            targets,
+            max_grad_norm=config.max_grad_norm,
+        )
+        private_optimizer.step()
+        # Poisson sampling can draw an empty batch: the step still adds the
+        # noise (the accountant counts it), and its loss counts as 0.
+        return float(losses.mean()) if labels.numel() else 0.0
+
+    def release() -> None:
+        for parameter in [*top.parameters(), *head.parameters()]:
+            _drop_opacus_state(parameter)
+
+    return step, private_loader, release
+
+
+def _ghost_dp(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
-    criterion: Callable[..., torch.Tensor],
-    steps: int,
-    total_loss: float,
-    on_step: Callable[[int, float], None] | None,
-) -> tuple[int, float]:
-    for batch_features, batch_labels, batch_targets in loader:
-        optimizer.zero_grad(set_to_none=True)
-        embeddings, cosine = model(batch_features)
-        loss = criterion(embeddings, cosine, batch_labels, batch_targets)
+    config: TrainingConfig,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple[Step, DataLoader, Callable[[], None]]:
+    """DP-SGD for deeper tops: Opacus' ghost clipping (two backward passes).
+
+    Per-sample gradient norms come in closed form (Opacus' for linear
+    layers, `grad_samplers` for the head, stage5's convolutions and dlib's
+    affine layers), never the per-sample gradients themselves, whose size
+    is batch x parameters.
+    """
+    from opacus import PrivacyEngine
+
+    # Registers closed-form per-sample gradients of the affine layers and head.
+    from facefed.client.federated import grad_samplers  # noqa: F401
+
+    engine = PrivacyEngine(accountant=config.accountant, secure_mode=False)
+    private_model, private_optimizer, criterion, private_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        criterion=SiteLoss(config),
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=config.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=generator,
+        grad_sample_mode="ghost",
+    )
+
+    def step(
+        features: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
+    ) -> float:
+        private_optimizer.zero_grad(set_to_none=True)
+        embeddings, cosine = private_model(features)
+        loss = criterion(embeddings, cosine, labels, targets)
         loss.backward()
-        optimizer.step()
-        steps += 1
-        # Poisson sampling can draw an empty batch: the step still adds the
-        # noise (the accountant counts it), but its mean loss is NaN.
-        value = float(loss.detach()) if batch_labels.numel() else 0.0
-        total_loss += value
-        if on_step is not None:
-            on_step(steps, value)
-    return steps, total_loss
+        private_optimizer.step()
+        return float(loss.detach()) if labels.numel() else 0.0
+
+    return step, private_loader, lambda: _unwrap(private_model)
 
 
 def compatibility_loss(
@@ -368,7 +452,11 @@ def _unwrap(private_model: nn.Module) -> None:
     if callable(remove):
         remove()
     for parameter in private_model.parameters():
-        for name in ("grad_sample", "_forward_counter", "summed_grad"):
-            if hasattr(parameter, name):
-                delattr(parameter, name)
-        parameter.grad = None
+        _drop_opacus_state(parameter)
+
+
+def _drop_opacus_state(parameter: nn.Parameter) -> None:
+    for name in ("grad_sample", "_forward_counter", "summed_grad"):
+        if hasattr(parameter, name):
+            delattr(parameter, name)
+    parameter.grad = None

@@ -233,6 +233,71 @@ def test_ghost_clipped_step_equals_clipping_each_sample_by_hand():
         )
 
 
+def _projection_tops() -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(5)
+    linear = torch.nn.Linear(10, 4, bias=False)
+    split = SplitNetwork(load_network(), trainable_blocks=1)
+    # Trunk features are ReLU outputs: non-negative maps of 256 channels.
+    maps = torch.rand(6, 256, 3, 3, generator=generator)
+    return [(linear, torch.randn(6, 10, generator=generator)), (split.top, maps)]
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["linear", "dlib-projection"])
+def test_one_backward_clipping_equals_clipping_each_sample_by_hand(case):
+    """The projection's one-pass clipping gives the sum of clipped per-sample grads."""
+    from facefed.client.federated.fast_clipping import clip_projection_and_head
+    from facefed.client.federated.training import SiteLoss, _TopWithHead
+
+    top, features = _projection_tops()[case]
+    generator = torch.Generator().manual_seed(11)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    config = TrainingConfig(max_grad_norm=0.05, compat="l2")
+    head = CosineClassifier(128 if case else 4, 3, generator=generator)
+    targets = torch.randn(6, 128 if case else 4, generator=generator)
+    reference = _TopWithHead(copy.deepcopy(top), copy.deepcopy(head))
+
+    losses = clip_projection_and_head(
+        top,
+        head,
+        SiteLoss(config),
+        features,
+        labels,
+        targets,
+        max_grad_norm=config.max_grad_norm,
+    )
+
+    loss_fn = SiteLoss(config)
+    trained = [p for p in reference.parameters() if p.requires_grad]
+    summed = [torch.zeros_like(p) for p in trained]
+    factors, each_loss = [], []
+    for index in range(6):
+        reference.zero_grad()
+        one = slice(index, index + 1)
+        loss = loss_fn(*reference(features[one]), labels[one], targets[one])
+        loss.backward()
+        each_loss.append(float(loss))
+        grads = [p.grad.clone() for p in trained]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        factor = min(1.0, config.max_grad_norm / (float(norm) + 1e-6))
+        factors.append(factor)
+        summed = [s + factor * g for s, g in zip(summed, grads, strict=True)]
+    assert min(factors) < 1.0  # clipping is engaged, not a no-op
+    torch.testing.assert_close(losses, torch.tensor(each_loss), rtol=1e-5, atol=1e-6)
+    own = [p for p in [*top.parameters(), *head.parameters()] if p.requires_grad]
+    for parameter, total in zip(own, summed, strict=True):
+        torch.testing.assert_close(parameter.grad, total, rtol=1e-4, atol=1e-7)
+
+
+def test_training_takes_the_one_backward_path_only_for_a_lone_projection():
+    from facefed.client.federated.fast_clipping import projection_of
+
+    assert projection_of(torch.nn.Linear(10, 4, bias=False)) is not None
+    assert projection_of(torch.nn.Linear(10, 4, bias=True)) is None
+    network = load_network()
+    assert projection_of(SplitNetwork(network, trainable_blocks=1).top) is not None
+    assert projection_of(SplitNetwork(network, trainable_blocks=2).top) is None
+
+
 def test_stage5_norm_samplers_match_the_norms_of_opacus_per_sample_gradients():
     from opacus import GradSampleModule
 
