@@ -16,6 +16,16 @@ from facefed.core.errors import ConfigurationError
 Accountant = Literal["rdp", "prv"]
 CentralDP = Literal["none", "server-fixed"]
 CompatMode = Literal["none", "l2"]
+SecureAggregation = Literal["none", "secaggplus"]
+
+SECURE_AGGREGATION_FIELDS = (
+    "secure_aggregation",
+    "secagg_num_shares",
+    "secagg_threshold",
+    "secagg_clipping_range",
+    "secagg_max_weight",
+)
+"""Fields carried in Flower's run config only when SecAgg+ is on (see `to_flower`)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,19 @@ class TrainingConfig:
         central_dp: Optional Flower central DP wrapper on the server.
         central_noise_multiplier: Noise multiplier of the central wrapper.
         central_clipping_norm: Update clipping norm of the central wrapper.
+        secure_aggregation: "secaggplus" runs every training round through
+            Flower's SecAgg+ protocol (Bell et al., CCS 2020): the server
+            learns only the sample-weighted average of the sites' updates.
+        secagg_num_shares: Sites each site secret-shares its masks with
+            (itself included); 0 for every sampled site.
+        secagg_threshold: Shares needed to rebuild a site's mask; every site
+            needs this many of its share holders to stay to the end of the
+            round, and this many colluding parties could unmask one site.
+        secagg_clipping_range: Bound on each coordinate of a site's update
+            (its change to the shared layers in a round) before quantisation;
+            larger values are clipped.
+        secagg_max_weight: Largest training-sample count a site may have;
+            weights are quantised as a fraction of it.
         run_dir: Folder where the server writes progress and the message log.
         parent_model: Folder of a published model version to start from;
             empty for the shipped dlib weights.
@@ -82,6 +105,11 @@ class TrainingConfig:
     central_dp: CentralDP = "none"
     central_noise_multiplier: float = 0.0
     central_clipping_norm: float = 1.0
+    secure_aggregation: SecureAggregation = "none"
+    secagg_num_shares: int = 0
+    secagg_threshold: int = 2
+    secagg_clipping_range: float = 0.05
+    secagg_max_weight: float = 10000.0
     run_dir: str = ""
     parent_model: str = ""
     round_timeout: float = 600.0
@@ -101,6 +129,8 @@ class TrainingConfig:
             "arcface_scale",
             "round_timeout",
             "central_clipping_norm",
+            "secagg_clipping_range",
+            "secagg_max_weight",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(
@@ -126,12 +156,53 @@ class TrainingConfig:
         _choice("accountant", self.accountant, Accountant)
         _choice("compat", self.compat, CompatMode)
         _choice("central_dp", self.central_dp, CentralDP)
+        _choice("secure_aggregation", self.secure_aggregation, SecureAggregation)
+        if self.secure_aggregation == "secaggplus":
+            self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        if self.central_dp != "none":
+            raise ConfigurationError(
+                f"secure_aggregation='secaggplus' cannot be combined with "
+                f"central_dp={self.central_dp!r}: central DP clips each site's "
+                "update on the server, and SecAgg+ never shows the server one."
+            )
+        if not isinstance(self.secagg_threshold, int) or self.secagg_threshold < 2:
+            raise ConfigurationError(
+                f"secagg_threshold must be an integer of at least 2, got "
+                f"{self.secagg_threshold!r}."
+            )
+        shares = self.secagg_num_shares
+        if shares != 0 and (not isinstance(shares, int) or shares < 3):
+            raise ConfigurationError(
+                f"secagg_num_shares must be 0 (every sampled site) or at least 3, "
+                f"got {shares!r}."
+            )
+        if shares and self.secagg_threshold >= shares:
+            raise ConfigurationError(
+                f"secagg_threshold ({self.secagg_threshold}) must be smaller than "
+                f"secagg_num_shares ({shares})."
+            )
+        sites = len(self.site_dirs) or self.min_sites
+        if sites < self.secagg_threshold:
+            raise ConfigurationError(
+                f"SecAgg+ needs at least secagg_threshold={self.secagg_threshold} "
+                f"sites in every round, but the run has {sites}."
+            )
 
     def to_flower(self) -> dict[str, bool | int | float | str]:
-        """The flat, kebab-case form Flower's run config carries."""
+        """The flat, kebab-case form Flower's run config carries.
+
+        The SecAgg+ fields are left out while it is off, so a plain run
+        carries exactly the keys ``[tool.flwr.app.config]`` declares (``flwr
+        run --run-config`` refuses keys it does not declare).
+        """
         flat: dict[str, bool | int | float | str] = {}
+        skipped = {"extra"}
+        if self.secure_aggregation == "none":
+            skipped |= set(SECURE_AGGREGATION_FIELDS)
         for item in dataclasses.fields(self):
-            if item.name == "extra":
+            if item.name in skipped:
                 continue
             value = getattr(self, item.name)
             if isinstance(value, tuple):

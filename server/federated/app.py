@@ -4,7 +4,10 @@ It reads the run's `TrainingConfig` from Flower's run config
 (``[tool.flwr.app.config]`` in pyproject.toml, or ``flwr run --run-config``),
 sends the shared top of the embedding network to the sites, aggregates
 their DP-trained updates with `FacefedFedAvg`, and publishes the result as a
-model version (`publish.publish_run`).
+model version (`publish.publish_run`). With ``secure-aggregation =
+"secaggplus"`` the training step of every round runs through Flower's
+SecAgg+ protocol instead (`secure_aggregation.run_secure_rounds`), so the
+server only learns the sites' average update.
 """
 
 import logging
@@ -20,6 +23,7 @@ from facefed.client.federated.config import TrainingConfig
 from facefed.client.federated.model import SplitNetwork, load_network
 from facefed.core.errors import ConfigurationError, FacefedError
 from facefed.server.federated.publish import publish_run
+from facefed.server.federated.secure_aggregation import run_secure_rounds
 from facefed.server.federated.strategy import FacefedFedAvg, RunLog
 
 logger = logging.getLogger(__name__)
@@ -53,16 +57,8 @@ def run_training(grid: Grid, config: TrainingConfig) -> Path:
         min_fit_fraction=config.min_fit_fraction,
         min_sites=config.min_sites,
     )
-    flower_strategy = _with_central_dp(strategy, config)
-
-    flat = config.to_flower()
-    result = flower_strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(split.shared_state()),
-        num_rounds=config.num_rounds,
-        timeout=config.round_timeout,
-        train_config=ConfigRecord(dict(flat)),
-        evaluate_config=ConfigRecord(dict(flat)),
+    final_arrays = _run_rounds(
+        grid, strategy, config, ArrayRecord(split.shared_state())
     )
 
     if not strategy.site_train:
@@ -71,7 +67,7 @@ def run_training(grid: Grid, config: TrainingConfig) -> Path:
             "No training round could be aggregated: too few sites replied in every "
             f"round; see {run_log.messages_path} for their errors."
         )
-    split.load_shared_state(result.arrays.to_torch_state_dict())
+    split.load_shared_state(final_arrays.to_torch_state_dict())
     model_dir = publish_run(
         network,
         config=config,
@@ -84,6 +80,38 @@ def run_training(grid: Grid, config: TrainingConfig) -> Path:
     )
     logger.info("Training run finished; model published in %s", model_dir)
     return model_dir
+
+
+def _run_rounds(
+    grid: Grid,
+    strategy: FacefedFedAvg,
+    config: TrainingConfig,
+    initial_arrays: ArrayRecord,
+) -> ArrayRecord:
+    flat = config.to_flower()
+    if config.secure_aggregation == "secaggplus":
+        logger.info(
+            "SecAgg+ on: the server only learns the sites' average update "
+            "(threshold %d, clipping range %g)",
+            config.secagg_threshold,
+            config.secagg_clipping_range,
+        )
+        return run_secure_rounds(
+            grid,
+            strategy,
+            config=config,
+            initial_arrays=initial_arrays,
+            run_config=ConfigRecord(dict(flat)),
+        )
+    result = _with_central_dp(strategy, config).start(
+        grid=grid,
+        initial_arrays=initial_arrays,
+        num_rounds=config.num_rounds,
+        timeout=config.round_timeout,
+        train_config=ConfigRecord(dict(flat)),
+        evaluate_config=ConfigRecord(dict(flat)),
+    )
+    return result.arrays
 
 
 def _with_central_dp(strategy: FacefedFedAvg, config: TrainingConfig) -> FlowerStrategy:

@@ -60,6 +60,13 @@ def train(
     central_dp: Annotated[
         str | None, typer.Option(help="Server-side DP wrapper: none or server-fixed.")
     ] = None,
+    secure_aggregation: Annotated[
+        str | None,
+        typer.Option(
+            help="none, or secaggplus: the server learns only the sites' average "
+            "update (SecAgg+ settings: secagg-* keys in --config)."
+        ),
+    ] = None,
     parent_model: Annotated[
         Path | None, typer.Option(help="A published model folder to start from.")
     ] = None,
@@ -90,6 +97,7 @@ def train(
         "trainable-blocks": trainable_blocks,
         "compat": compat,
         "central-dp": central_dp,
+        "secure-aggregation": secure_aggregation,
         "parent-model": str(parent_model) if parent_model else None,
     }
     values |= {k: v for k, v in overrides.items() if v is not None}

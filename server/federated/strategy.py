@@ -148,13 +148,9 @@ class FacefedFedAvg(FedAvg):
         valid = self._audit_and_count(server_round, "train", replies)
         if valid is None:
             return None, None
-        self.site_train[server_round] = _per_site(valid)
         arrays, metrics = super().aggregate_train(server_round, valid)
-        self.run_log.event(
-            "round-trained",
-            round=server_round,
-            sites=self.site_train[server_round],
-            dropped=len(replies) - len(valid),
+        self.record_train_sites(
+            server_round, _per_site(valid), dropped=len(replies) - len(valid)
         )
         return arrays, metrics
 
@@ -176,41 +172,65 @@ class FacefedFedAvg(FedAvg):
         )
         return metrics
 
+    def enough_replies(self, server_round: int, phase: str, *, replied: int) -> bool:
+        """Whether `replied` sites meet ``min_fit_fraction`` of those sampled.
+
+        Too few replies are logged and recorded as a skipped round.
+        """
+        sampled = self._sampled.get((server_round, phase), replied)
+        needed = max(1, math.ceil(self.min_fit_fraction * sampled))
+        if replied < needed:
+            self.skip_round(server_round, phase, replied=replied)
+            return False
+        if replied < sampled:
+            logger.warning(
+                "Round %d %s: %d of %d sites dropped out; aggregating the rest",
+                server_round,
+                phase,
+                sampled - replied,
+                sampled,
+            )
+        return True
+
+    def skip_round(self, server_round: int, phase: str, *, replied: int) -> None:
+        """Record that a round's phase is not aggregated: the model stays as it is."""
+        sampled = self._sampled.get((server_round, phase), replied)
+        needed = max(1, math.ceil(self.min_fit_fraction * sampled))
+        logger.warning(
+            "Round %d %s: %d of %d sites replied, %d needed; the model is "
+            "left unchanged this round",
+            server_round,
+            phase,
+            replied,
+            sampled,
+            needed,
+        )
+        self.run_log.event(
+            "round-skipped",
+            round=server_round,
+            phase=phase,
+            replied=replied,
+            sampled=sampled,
+            needed=needed,
+        )
+
+    def record_train_sites(
+        self, server_round: int, sites: dict[str, dict[str, float]], *, dropped: int
+    ) -> None:
+        """Keep a trained round's per-site metrics and log the round."""
+        self.site_train[server_round] = sites
+        self.run_log.event(
+            "round-trained", round=server_round, sites=sites, dropped=dropped
+        )
+
     def _audit_and_count(
         self, server_round: int, phase: str, replies: list[Message]
     ) -> list[Message] | None:
         for message in replies:
             self.run_log.received(server_round, phase, message)
         valid = [m for m in replies if not m.has_error()]
-        sampled = self._sampled.get((server_round, phase), len(replies))
-        needed = max(1, math.ceil(self.min_fit_fraction * sampled))
-        if len(valid) < needed:
-            logger.warning(
-                "Round %d %s: %d of %d sites replied, %d needed; the model is "
-                "left unchanged this round",
-                server_round,
-                phase,
-                len(valid),
-                sampled,
-                needed,
-            )
-            self.run_log.event(
-                "round-skipped",
-                round=server_round,
-                phase=phase,
-                replied=len(valid),
-                sampled=sampled,
-                needed=needed,
-            )
+        if not self.enough_replies(server_round, phase, replied=len(valid)):
             return None
-        if len(valid) < sampled:
-            logger.warning(
-                "Round %d %s: %d of %d sites dropped out; aggregating the rest",
-                server_round,
-                phase,
-                sampled - len(valid),
-                sampled,
-            )
         return valid
 
 
