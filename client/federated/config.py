@@ -73,7 +73,8 @@ class TrainingConfig:
             (itself included); 0 for every sampled site.
         secagg_threshold: Shares needed to rebuild a site's mask; every site
             needs this many of its share holders to stay to the end of the
-            round, and this many colluding parties could unmask one site.
+            round, and this many sites colluding with the server could
+            rebuild one site's masks.
         secagg_clipping_range: Bound on each coordinate of a site's update
             (its change to the shared layers in a round) before quantisation;
             larger values are clipped.
