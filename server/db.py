@@ -22,6 +22,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     LargeBinary,
@@ -34,7 +35,14 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 from facefed.core.errors import NotFoundError
 
@@ -90,7 +98,12 @@ class ApiKey(Base):
 
 
 class Collection(Base):
-    """A gallery of templates made by one model under one protection scheme."""
+    """A gallery of templates under one protection scheme.
+
+    `model_id` is the model its first templates were made with; models
+    promoted to it since (`promoted`, oldest first) are backward-compatible
+    descendants whose templates it accepts as well.
+    """
 
     __tablename__ = "collections"
 
@@ -101,6 +114,44 @@ class Collection(Base):
     kind: Mapped[str] = mapped_column(String(16))
     key_version: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Loaded with the collection: every template check needs them, often
+    # after the session that read the collection has closed.
+    promoted: Mapped[list[CollectionModel]] = relationship(
+        lazy="selectin",
+        order_by="CollectionModel.promoted_at",
+        cascade="all, delete-orphan",
+    )
+
+    @property
+    def serving_model_id(self) -> str:
+        """The model sites should embed with now: the latest promoted one."""
+        return self.promoted[-1].model_id if self.promoted else self.model_id
+
+    @property
+    def accepted_model_ids(self) -> list[str]:
+        """Models whose templates the collection takes, oldest first."""
+        return [self.model_id, *(row.model_id for row in self.promoted)]
+
+
+class CollectionModel(Base):
+    """A model promoted to a collection, with the compatibility it was measured at.
+
+    Only a backward-compatible child of the collection's serving model is
+    promoted (`server.service.accept_promotion`): its probes were measured to
+    match the parent's templates at least as accurately as the parent's own
+    probes do (on the training sites' held-out pairs).
+    """
+
+    __tablename__ = "collection_models"
+
+    collection_id: Mapped[str] = mapped_column(
+        ForeignKey("collections.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    parent_model_id: Mapped[str] = mapped_column(String(128))
+    promoted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    cross_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    parent_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Subject(Base):
@@ -126,6 +177,7 @@ class Template(Base):
         ForeignKey("subjects.id", ondelete="CASCADE"), index=True
     )
     collection_id: Mapped[str] = mapped_column(String(64), index=True)
+    # The model that made this template (the collection's, or one promoted to it).
     model_id: Mapped[str] = mapped_column(String(128))
     scheme: Mapped[str] = mapped_column(String(64))
     key_version: Mapped[int] = mapped_column(Integer)

@@ -61,6 +61,7 @@ from facefed.server.db import (
     ApiKey,
     AuditEvent,
     Collection,
+    CollectionModel,
     Consent,
     ErasedSubject,
     IdempotencyRecord,
@@ -562,6 +563,7 @@ class GalleryService:
                 kind=protection.kind,
                 key_version=int(version),
                 created_at=utcnow(),
+                promoted=[],
             )
             session.add(row)
             audit.append_event(
@@ -583,6 +585,13 @@ class GalleryService:
             result.append((row, index.size if index else 0))
         return result
 
+    def collection(self, collection_id: str) -> tuple[Collection, int]:
+        """Return one collection (with its promoted models) and its index size."""
+        with session_scope(self.sessions) as session:
+            row = self._collection(session, collection_id)
+        index = self.gallery.get(row.id)
+        return row, index.size if index else 0
+
     @staticmethod
     def _collection(session: Session, collection_id: str) -> Collection:
         row = session.get(Collection, collection_id)
@@ -595,10 +604,12 @@ class GalleryService:
     def _check_template(
         self, collection: Collection, template: ProtectedTemplate
     ) -> npt.NDArray[Any]:
-        if template.model_id != collection.model_id:
+        if template.model_id not in collection.accepted_model_ids:
             raise TemplateError(
                 f"The template was made by model {template.model_id!r}; collection "
-                f"{collection.id!r} holds templates of model {collection.model_id!r}."
+                f"{collection.id!r} accepts templates of model(s) "
+                f"{', '.join(collection.accepted_model_ids)} (serving model "
+                f"{collection.serving_model_id})."
             )
         if template.scheme_id != collection.scheme:
             raise ProtectionError(
@@ -652,17 +663,22 @@ class GalleryService:
         self,
         subject_id: str,
         collection: Collection,
-        vectors: list[npt.NDArray[Any]],
+        checked: list[tuple[npt.NDArray[Any], str]],
         data_key: bytes,
     ) -> list[Template]:
+        """Sealed rows of checked (vector, model id) pairs.
+
+        Each row keeps the model that made it, so that an audit can tell a
+        parent's templates from those of a model promoted after it.
+        """
         rows = []
         now = utcnow()
-        for vector in vectors:
+        for vector, model_id in checked:
             row = Template(
                 id=secrets.randbits(62) + 1,
                 subject_id=subject_id,
                 collection_id=collection.id,
-                model_id=collection.model_id,
+                model_id=model_id,
                 scheme=collection.scheme,
                 key_version=collection.key_version,
                 dim=collection.dim,
@@ -756,8 +772,11 @@ class GalleryService:
                 )
                 session.flush()
                 session.add(self._consent_row(subject_id, consent, expires_at))
+                checked = list(
+                    zip(vectors, [t.model_id for t in templates], strict=True)
+                )
                 rows = self._new_template_rows(
-                    subject_id, collection, vectors, data_key
+                    subject_id, collection, checked, data_key
                 )
                 session.add_all(rows)
                 if record_id is not None and idempotency_key is not None:
@@ -891,13 +910,14 @@ class GalleryService:
             subject = self._subject_for(session, principal, subject_id, write=True)
             collection = self._collection(session, subject.collection_id)
         vectors = [self._check_template(collection, t) for t in templates]
+        checked = list(zip(vectors, [t.model_id for t in templates], strict=True))
         index = self.gallery.ensure(collection.id, collection.kind, collection.dim)
         # Erasure takes the write lock too: everything from the existence
         # check to the index add happens under it, so a concurrent erasure
         # either finishes first (410 here) or removes these templates too.
         with self.write_lock:
             rows, count = self._store_templates(
-                principal, subject_id, collection, vectors, index
+                principal, subject_id, collection, checked, index
             )
             self._index_add(collection, subject_id, rows, vectors)
         return int(count) + len(rows)
@@ -907,7 +927,7 @@ class GalleryService:
         principal: Principal,
         subject_id: str,
         collection: Collection,
-        vectors: list[npt.NDArray[Any]],
+        checked: list[tuple[npt.NDArray[Any], str]],
         index: CollectionIndex,
     ) -> tuple[list[Template], int]:
         with index.lock, session_scope(self.sessions) as session:
@@ -926,12 +946,12 @@ class GalleryService:
                 )
                 or 0
             )
-            if count + len(vectors) > self.settings.max_templates_per_subject:
+            if count + len(checked) > self.settings.max_templates_per_subject:
                 raise LimitExceededError(
                     f"A subject may hold {self.settings.max_templates_per_subject} "
-                    f"templates; this one holds {count} and {len(vectors)} were sent."
+                    f"templates; this one holds {count} and {len(checked)} were sent."
                 )
-            rows = self._new_template_rows(subject_id, collection, vectors, data_key)
+            rows = self._new_template_rows(subject_id, collection, checked, data_key)
             session.add_all(rows)
             audit.append_event(
                 session,
@@ -1390,6 +1410,130 @@ class GalleryService:
             raise PermissionDeniedError("This needs a site or admin key.")
 
 
+@dataclass(frozen=True)
+class Promotion:
+    """A published model version asking to serve a collection.
+
+    Attributes:
+        model_id: The version's id.
+        parent_model_id: The model it was trained from.
+        compatible: Its probes matched the parent's templates at least as
+            accurately as the parent's own probes (training summary).
+        cross_accuracy: That cross-model accuracy, when measured.
+        parent_accuracy: The parent's own accuracy on the same pairs.
+    """
+
+    model_id: str
+    parent_model_id: str | None
+    compatible: bool
+    cross_accuracy: float | None = None
+    parent_accuracy: float | None = None
+
+
+def accept_promotion(
+    session: Session,
+    promotion: Promotion,
+    *,
+    collection_id: str,
+    force_new_gallery: bool,
+    actor: str,
+) -> str | None:
+    """Let a collection accept (and serve) a promoted model, in the caller's session.
+
+    Without `force_new_gallery` only a backward-compatible child of the
+    collection's serving model is accepted; the templates already stored stay
+    and keep matching, because the child's probes were measured against its
+    parent's templates. With it, an empty collection restarts on the new
+    model alone. A model the collection already accepts changes nothing.
+
+    Returns:
+        The collection's serving model afterwards, or None when the gallery
+        has no such collection (nothing to change here).
+
+    Raises:
+        ConflictError: Not a compatible child of the serving model, or
+            `force_new_gallery` on a collection that holds templates.
+    """
+    collection = session.get(Collection, collection_id, with_for_update=True)
+    if collection is None:
+        return None
+    if promotion.model_id in collection.accepted_model_ids:
+        return collection.serving_model_id
+    if force_new_gallery:
+        _restart_collection(session, collection, promotion.model_id)
+    else:
+        _check_compatible_child(collection, promotion)
+        collection.promoted.append(
+            CollectionModel(
+                model_id=promotion.model_id,
+                parent_model_id=promotion.parent_model_id or "",
+                promoted_at=utcnow(),
+                cross_accuracy=promotion.cross_accuracy,
+                parent_accuracy=promotion.parent_accuracy,
+            )
+        )
+    audit.append_event(
+        session,
+        action="admin.collection.promote",
+        actor=actor,
+        details={
+            "collection": collection_id,
+            "model": promotion.model_id,
+            "parent": promotion.parent_model_id,
+            "new_gallery": force_new_gallery,
+        },
+    )
+    logger.info("Collection %s now serves model %s", collection_id, promotion.model_id)
+    return collection.serving_model_id
+
+
+def _check_compatible_child(collection: Collection, promotion: Promotion) -> None:
+    serving = collection.serving_model_id
+    if promotion.parent_model_id != serving:
+        raise ConflictError(
+            f"Collection {collection.id!r} is served by model {serving}; "
+            f"{promotion.model_id} was trained from {promotion.parent_model_id}, "
+            "not from it, so its probes were never measured against these "
+            f"templates. Train with --compat l2 from {serving}, or move an "
+            "empty collection with force_new_gallery."
+        )
+    if not promotion.compatible:
+        raise ConflictError(
+            f"{promotion.model_id} is not backward-compatible with {serving}: "
+            f"its probes matched {serving}'s templates with accuracy "
+            f"{_percent(promotion.cross_accuracy)}, below the parent's own "
+            f"{_percent(promotion.parent_accuracy)} on the sites' held-out pairs. "
+            f"Collection {collection.id!r} keeps serving {serving}."
+        )
+
+
+def _restart_collection(
+    session: Session, collection: Collection, model_id: str
+) -> None:
+    stored = (
+        session.scalar(
+            select(func.count())
+            .select_from(Template)
+            .where(Template.collection_id == collection.id)
+        )
+        or 0
+    )
+    if stored:
+        raise ConflictError(
+            f"Collection {collection.id!r} holds {stored} template(s) of model(s) "
+            f"{', '.join(collection.accepted_model_ids)}; force_new_gallery would "
+            f"put {model_id}'s templates beside them, and the two cannot be "
+            "compared. Erase its subjects first, or create a new collection "
+            f"for {model_id}."
+        )
+    collection.model_id = model_id
+    collection.promoted.clear()
+
+
+def _percent(value: float | None) -> str:
+    return "not measured" if value is None else f"{100 * value:.1f}%"
+
+
 def _consent_dict(consent: Consent) -> dict[str, Any]:
     return {
         "purpose": consent.purpose,
@@ -1401,4 +1545,4 @@ def _consent_dict(consent: Consent) -> dict[str, Any]:
     }
 
 
-__all__ = ["DecryptionError", "GalleryService"]
+__all__ = ["DecryptionError", "GalleryService", "Promotion", "accept_promotion"]

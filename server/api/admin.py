@@ -87,15 +87,7 @@ def create_collection(
         scheme=body.scheme,
         dim=body.dim,
     )
-    return CollectionPublic(
-        id=row.id,
-        model_id=row.model_id,
-        scheme=row.scheme,
-        dim=row.dim,
-        kind=row.kind,
-        key_version=row.key_version,
-        templates=0,
-    )
+    return CollectionPublic.of(row, 0)
 
 
 @router.post(

@@ -35,16 +35,14 @@ def protection_key(
 
 @router.get("/collections", response_model=list[CollectionPublic])
 def collections(service: Service, caller: KeyHolder) -> list[CollectionPublic]:
-    """The collections, with model, scheme, key version and size."""
-    return [
-        CollectionPublic(
-            id=row.id,
-            model_id=row.model_id,
-            scheme=row.scheme,
-            dim=row.dim,
-            kind=row.kind,
-            key_version=row.key_version,
-            templates=size,
-        )
-        for row, size in service.list_collections()
-    ]
+    """The collections, with models, scheme, key version and size."""
+    return [CollectionPublic.of(row, size) for row, size in service.list_collections()]
+
+
+@router.get("/collections/{collection_id}", response_model=CollectionPublic)
+def collection(
+    collection_id: str, service: Service, caller: KeyHolder
+) -> CollectionPublic:
+    """One collection: the model to embed with now and the models it accepts."""
+    row, size = service.collection(collection_id)
+    return CollectionPublic.of(row, size)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
@@ -295,16 +295,58 @@ class CollectionCreate(_Strict):
     dim: int = Field(gt=0, le=65536)
 
 
+class AcceptedModelPublic(BaseModel):
+    """A model promoted to a collection, with the compatibility measured for it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    model_id: str
+    parent_model_id: str
+    promoted_at: datetime
+    cross_accuracy: float | None
+    parent_accuracy: float | None
+
+    @field_validator("promoted_at", mode="after")
+    @classmethod
+    def _in_utc(cls, value: datetime) -> datetime:
+        # SQLite hands back naive datetimes; they were written in UTC.
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
 class CollectionPublic(BaseModel):
-    """A collection."""
+    """A collection.
+
+    `model_id` is the model its first templates were made with;
+    `serving_model_id` the one sites should embed with now (the latest
+    promoted); templates of any model in `accepted_model_ids` are accepted.
+    """
 
     id: str
     model_id: str
+    serving_model_id: str
+    accepted_model_ids: list[str]
+    promoted: list[AcceptedModelPublic]
     scheme: str
     dim: int
     kind: str
     key_version: int
     templates: int
+
+    @classmethod
+    def of(cls, row: Any, templates: int) -> CollectionPublic:
+        """From a `server.db.Collection` row (promoted models loaded)."""
+        return cls(
+            id=row.id,
+            model_id=row.model_id,
+            serving_model_id=row.serving_model_id,
+            accepted_model_ids=row.accepted_model_ids,
+            promoted=[AcceptedModelPublic.model_validate(m) for m in row.promoted],
+            scheme=row.scheme,
+            dim=row.dim,
+            kind=row.kind,
+            key_version=row.key_version,
+            templates=templates,
+        )
 
 
 class ProtectionKeyCreate(_Strict):

@@ -231,11 +231,26 @@ def list_models(service: Service, caller: Admin) -> list[ModelVersionPublic]:
 def promote_model(
     model_id: str, body: PromotionCreate, service: Service, caller: Admin
 ) -> ModelVersionPublic:
-    """Promote a version to serve a collection (refused if incompatible)."""
-    from facefed.server.federated.runs import promote
+    """Promote a version to serve a collection (409 if incompatible, nothing changed).
 
-    promote(model_id, body.collection, force_new_gallery=body.force_new_gallery)
+    The gallery's collection then accepts templates (enrollments and probes)
+    of this model beside those of the models it served before; a site reads
+    which one to embed with from `GET /v1/collections/{id}`.
+    """
+    from facefed.server.federated.runs import model_version, promote
+
+    version = model_version(model_id)
+    promote(
+        model_id,
+        body.collection,
+        force_new_gallery=body.force_new_gallery,
+        sessions=service.sessions,
+        actor=caller.actor,
+    )
     with session_scope(service.sessions) as session:
+        # A version published by a run started from the CLI has no row yet.
+        _record_version(session, version.folder)
+        session.flush()
         row = session.get(ModelVersionRow, model_id)
         if row is None:
             raise NotFoundError(f"No published model version {model_id!r}.")

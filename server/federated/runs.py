@@ -4,9 +4,9 @@ Every training run has a folder ``$FACEFED_HOME/training/runs/<run_id>``
 holding its progress log, the audit of received messages, the child's pid
 and, once finished, the published model version (``model/``). Promotion
 registers a version's ONNX with the model registry (engineer C's
-`ModelRegistry`) and makes it the model of a collection, refusing to replace
-a collection's model with one whose probes do not match the old templates
-(see `publish.compatibility`).
+`ModelRegistry`) and makes it serve a collection of the gallery database,
+refusing a model whose probes do not match the collection's templates (see
+`publish.compatibility` and `server.service.accept_promotion`).
 """
 
 import contextlib
@@ -16,13 +16,18 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from facefed.core.errors import ConflictError, NotFoundError
 from facefed.core.settings import get_core_settings
+from facefed.server.db import session_scope
 from facefed.server.federated.publish import SUMMARY_FILE
 from facefed.server.federated.runner import RunProgress, read_progress
+from facefed.server.service import Promotion, accept_promotion
 
 logger = logging.getLogger(__name__)
 
@@ -207,41 +212,127 @@ def promotions() -> dict[str, str]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def promote(model_id: str, collection: str, *, force_new_gallery: bool = False) -> str:
-    """Make a published version the model of a collection.
+def promote(
+    model_id: str,
+    collection: str,
+    *,
+    force_new_gallery: bool = False,
+    sessions: sessionmaker[Session] | None = None,
+    actor: str = "admin:cli",
+) -> str:
+    """Make a published version serve a collection.
 
-    A collection whose gallery holds templates of another model keeps that
-    model unless the new one is its direct child and was measured compatible
-    (cross-model accuracy at least the parent's own on the sites' held-out
-    pairs); `force_new_gallery` acknowledges that the gallery will be
-    re-enrolled instead.
+    When the gallery database holds the collection, the promotion is written
+    there (`server.service.accept_promotion`): the collection then accepts
+    the new model's templates beside its old ones, provided the new model is
+    a direct child of its serving model measured compatible (cross-model
+    accuracy at least the parent's own on the sites' held-out pairs). With
+    `force_new_gallery` an empty collection restarts on the new model; one
+    holding templates is refused. A collection the gallery does not hold
+    (yet) is checked against `promotions.json` alone.
+
+    Args:
+        model_id: The published version.
+        collection: The collection to serve.
+        force_new_gallery: Restart the collection on this model (empty
+            collections only) instead of requiring compatibility.
+        sessions: The gallery database (the API's); None opens the configured
+            one if it exists (the CLI).
+        actor: Who promotes, for the audit log.
 
     Returns:
         The model id now serving the collection.
 
     Raises:
         NotFoundError: No such version.
-        ConflictError: The version cannot serve the collection's templates.
+        ConflictError: The version cannot serve the collection's templates;
+            nothing was changed.
     """
-    from facefed.core.embedding import load_metadata
-
     version = model_version(model_id)
-    current = promotions().get(collection)
-    compat = version.summary.get("compatibility", {})
-    metadata_path = version.folder / f"{model_id}.json"
-    metadata = load_metadata(metadata_path)
-    if current and current != model_id and not force_new_gallery:
-        compatible = isinstance(compat, dict) and bool(compat.get("compatible"))
-        if metadata.parent_id != current or not compatible:
-            raise ConflictError(
-                f"Collection {collection!r} holds templates of model {current}; "
-                f"{model_id} is not a backward-compatible child of it (cross-model "
-                "accuracy below the parent's own, or another parent). Train with "
-                "--compat l2 from that model, or re-enroll the gallery."
+    promotion = _promotion_of(version)
+    with contextlib.ExitStack() as stack:
+        if sessions is None:
+            sessions = stack.enter_context(_configured_gallery())
+        serving = None
+        if sessions is not None:
+            # One transaction: if registering the ONNX fails, the gallery
+            # keeps its models.
+            session = stack.enter_context(session_scope(sessions))
+            serving = accept_promotion(
+                session,
+                promotion,
+                collection_id=collection,
+                force_new_gallery=force_new_gallery,
+                actor=actor,
             )
-    register_version(model_id)
-    table = promotions() | {collection: model_id}
+        if serving is None:
+            _check_recorded_promotion(promotion, collection, force_new_gallery)
+            serving = model_id
+        register_version(model_id)
+    table = promotions() | {collection: serving}
     _promotions_path().parent.mkdir(parents=True, exist_ok=True)
     _promotions_path().write_text(json.dumps(table, indent=1))
     logger.info("Model %s promoted to collection %s", model_id, collection)
-    return model_id
+    return serving
+
+
+def _promotion_of(version: ModelVersion) -> Promotion:
+    from facefed.core.embedding import load_metadata
+
+    metadata = load_metadata(version.folder / f"{version.model_id}.json")
+    compat = version.summary.get("compatibility")
+    compat = compat if isinstance(compat, dict) else {}
+    return Promotion(
+        model_id=version.model_id,
+        parent_model_id=metadata.parent_id,
+        compatible=bool(compat.get("compatible")),
+        cross_accuracy=_number(compat.get("cross-accuracy")),
+        parent_accuracy=_number(compat.get("parent-accuracy")),
+    )
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _check_recorded_promotion(
+    promotion: Promotion, collection: str, force_new_gallery: bool
+) -> None:
+    # No gallery collection yet: promotions.json is all there is to check.
+    current = promotions().get(collection)
+    if not current or current == promotion.model_id or force_new_gallery:
+        return
+    if promotion.parent_model_id != current or not promotion.compatible:
+        raise ConflictError(
+            f"Collection {collection!r} holds templates of model {current}; "
+            f"{promotion.model_id} is not a backward-compatible child of it "
+            "(cross-model accuracy below the parent's own, or another parent). "
+            "Train with --compat l2 from that model, or re-enroll the gallery."
+        )
+
+
+@contextlib.contextmanager
+def _configured_gallery() -> Iterator[sessionmaker[Session] | None]:
+    """The configured gallery database, or None where none exists yet.
+
+    A promotion never creates a gallery database: a missing SQLite file or a
+    database without facefed's tables means there is no collection to change.
+    """
+    from sqlalchemy import inspect
+
+    from facefed.server.db import make_engine, make_session_factory, run_migrations
+    from facefed.server.settings import get_server_settings
+
+    try:
+        engine = make_engine(get_server_settings().resolved_database_url, create=False)
+    except NotFoundError:
+        yield None
+        return
+    try:
+        if not inspect(engine).has_table("collections"):
+            yield None
+            return
+        run_migrations(engine)
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()

@@ -1,5 +1,10 @@
 """The admin training API's checks (a run through the API: test_federated_e2e)."""
 
+import json
+
+import numpy as np
+import pytest
+
 
 def test_bad_site_folder_is_refused_and_nothing_starts(admin_client, tmp_path):
     answer = admin_client.post(
@@ -15,3 +20,184 @@ def test_training_api_is_admin_only(admin_client):
         "/v1/training/runs", headers={"Authorization": "Bearer not-a-key"}
     )
     assert answer.status_code in (401, 403)
+
+
+def _shared_states(network) -> tuple[dict, dict, dict]:
+    """The parent's projection, a child close to it, and a rotated one."""
+    import torch
+
+    from facefed.client.federated.model import SplitNetwork
+
+    parent = SplitNetwork(network, trainable_blocks=1).shared_state()
+    generator = torch.Generator().manual_seed(0)
+    child = {
+        name: value + 1e-4 * value.std() * torch.randn(value.shape, generator=generator)
+        for name, value in parent.items()
+    }
+    rotation, _ = torch.linalg.qr(torch.randn(128, 128, generator=generator))
+    # Rotating the 128-d output keeps every cosine between the model's own
+    # embeddings (same accuracy) but not against the parent's.
+    rotated = {name: rotation @ value for name, value in parent.items()}
+    return parent, child, rotated
+
+
+def _publish_measured(site, run_id: str, shared: dict, parent: dict) -> str:
+    """Publish a version whose compatibility is measured on the site's pairs."""
+    from facefed.client.federated.config import TrainingConfig
+    from facefed.client.federated.model import SplitNetwork, load_network
+    from facefed.client.federated.site import SiteRuntime
+    from facefed.server.federated.publish import publish_run
+    from facefed.server.federated.runs import runs_dir
+
+    config = TrainingConfig(num_rounds=1, run_dir=str(runs_dir() / run_id))
+    metrics = SiteRuntime(site, config).evaluate(shared, parent=parent)
+    network = load_network()
+    SplitNetwork(network, trainable_blocks=1).load_shared_state(shared)
+    model_dir = publish_run(
+        network,
+        config=config,
+        site_train={1: {"site-a": {"epsilon": 1.0, "num-examples": 24.0}}},
+        site_evaluate={1: {"site-a": metrics}},
+        shared_names=sorted(shared),
+    )
+    summary = json.loads((model_dir / "training.json").read_text())
+    return str(summary["model_id"])
+
+
+def _gallery(client, model_id: str) -> tuple[dict, object]:
+    """A site key and protection key, and a collection `lab` of `model_id`."""
+    from facefed.privacy.protection import ProtectionKey
+
+    site = client.post("/v1/admin/sites", json={"name": "north"}).json()
+    key = client.post(
+        "/v1/admin/api-keys", json={"role": "site", "site_id": site["id"]}
+    ).json()["key"]
+    assert (
+        client.post(
+            "/v1/admin/protection-keys", json={"scheme": "orthonormal-v1"}
+        ).status_code
+        == 201
+    )
+    created = client.post(
+        "/v1/admin/collections",
+        json={
+            "id": "lab",
+            "model_id": model_id,
+            "scheme": "orthonormal-v1",
+            "dim": 128,
+        },
+    )
+    assert created.status_code == 201, created.text
+    site_headers = {"Authorization": f"Bearer {key}"}
+    fetched = client.get(
+        "/v1/keys/protection", params={"collection": "lab"}, headers=site_headers
+    )
+    return site_headers, ProtectionKey.from_dict(fetched.json())
+
+
+@pytest.mark.slow
+def test_promoted_compatible_child_matches_parent_templates(admin_client, sites):
+    """Real chips: parent templates enrolled, the child's probes match them."""
+    from facefed.client.federated.model import SplitNetwork, load_network
+    from facefed.client.federated.store import SiteDataStore
+    from facefed.privacy.templates import protect_template
+    from facefed.server.federated.publish import parent_model_id
+
+    parent, child, rotated = _shared_states(load_network())
+    child_id = _publish_measured(sites[0], "20260101T000000Z-aaaaaa", child, parent)
+    rotated_id = _publish_measured(sites[0], "20260101T000001Z-bbbbbb", rotated, parent)
+    dlib_id = parent_model_id("")
+    site_headers, key = _gallery(admin_client, dlib_id)
+
+    samples = SiteDataStore(sites[0]).training_samples()
+    split = SplitNetwork(load_network(), trainable_blocks=1)
+    features = split.trunk_features(samples.chips)
+    embeddings = {}
+    for model_id, state in (
+        (dlib_id, parent),
+        (child_id, child),
+        (rotated_id, rotated),
+    ):
+        split.load_shared_state(state)
+        embeddings[model_id] = split.embed_features(features)
+
+    def template(model_id: str, row: int) -> dict:
+        return protect_template(
+            embeddings[model_id][row], key=key, model_id=model_id
+        ).to_wire()
+
+    def identify(model_id: str, row: int):
+        return admin_client.post(
+            "/v1/identify",
+            json={"collection": "lab", "template": template(model_id, row)},
+            headers=site_headers,
+        )
+
+    enrolled, probes = {}, []
+    for label in range(len(samples.identities)):
+        rows = np.flatnonzero(samples.labels == label)
+        answer = admin_client.post(
+            "/v1/subjects",
+            json={
+                "collection": "lab",
+                "consent": _consent(),
+                "templates": [template(dlib_id, rows[0])],
+            },
+            headers=site_headers,
+        )
+        assert answer.status_code == 201, answer.text
+        enrolled[answer.json()["subject_id"]] = label
+        probes.extend((row, label) for row in rows[1:])
+    assert identify(child_id, probes[0][0]).status_code == 422
+
+    refused = admin_client.post(
+        f"/v1/models/{rotated_id}/promote", json={"collection": "lab"}
+    )
+    assert refused.status_code == 409, refused.text
+    assert "not backward-compatible" in refused.json()["error"]["message"]
+    assert identify(rotated_id, probes[0][0]).status_code == 422
+    forbidden = admin_client.post(
+        f"/v1/models/{child_id}/promote",
+        json={"collection": "lab"},
+        headers=site_headers,
+    )
+    assert forbidden.status_code == 403
+
+    for _ in range(2):  # idempotent
+        promoted = admin_client.post(
+            f"/v1/models/{child_id}/promote", json={"collection": "lab"}
+        )
+        assert promoted.status_code == 200, promoted.text
+        assert promoted.json()["status"] == "promoted"
+    described = admin_client.get("/v1/collections/lab", headers=site_headers).json()
+    assert described["serving_model_id"] == child_id
+    assert described["accepted_model_ids"] == [dlib_id, child_id]
+    assert len(described["promoted"]) == 1
+    measured = described["promoted"][0]
+    assert measured["cross_accuracy"] >= measured["parent_accuracy"] > 0.5
+
+    def rank1(model_id: str) -> float:
+        hits = 0
+        for row, label in probes:
+            answer = identify(model_id, row)
+            assert answer.status_code == 200, answer.text
+            candidates = answer.json()["candidates"]
+            hits += bool(candidates) and enrolled[candidates[0]["subject_id"]] == label
+        return hits / len(probes)
+
+    parent_rank1 = rank1(dlib_id)
+    assert parent_rank1 >= 0.75
+    assert rank1(child_id) == parent_rank1
+    assert identify(rotated_id, probes[0][0]).status_code == 422
+
+
+def _consent() -> dict:
+    from datetime import UTC, datetime
+
+    return {
+        "purpose": "access control",
+        "lawful_basis": "consent",
+        "consent_text_version": "v1",
+        "given_at": datetime.now(UTC).isoformat(),
+        "retention_days": 30,
+    }

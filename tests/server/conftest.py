@@ -208,13 +208,15 @@ def expire_consent(settings, subject_id: str) -> None:
         engine.dispose()
 
 
-def enroll_site_subject(client, world: World, embedding: np.ndarray):
+def enroll_site_subject(
+    client, world: World, embedding: np.ndarray, model_id: str = MODEL_ID
+):
     """Enroll one subject with a default consent through the first site's key."""
     return client.post(
         "/v1/subjects",
         json={
             "consent": consent(),
-            "templates": [wire(world.protection_key, embedding)],
+            "templates": [wire(world.protection_key, embedding, model_id)],
         },
         headers=world.auth(world.site_key),
     )

@@ -31,6 +31,7 @@ ROLES: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/verify"): KEYS,
     ("GET", "/v1/keys/protection"): KEYS,
     ("GET", "/v1/collections"): KEYS,
+    ("GET", "/v1/collections/{collection_id}"): KEYS,
     ("POST", "/v1/audit/refusals"): SITES,
     ("POST", "/v1/he/contexts"): SITES,
     ("POST", "/v1/he/contexts/{context_id}/verify/{subject_id}"): {"site"},

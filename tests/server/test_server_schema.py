@@ -27,7 +27,7 @@ def test_migrations_match_the_orm_and_are_idempotent(settings):
     run_migrations(engine)
     with engine.connect() as connection:
         context = MigrationContext.configure(connection)
-        assert context.get_current_revision() == "0001"
+        assert context.get_current_revision() == "0002"
         differences = compare_metadata(context, Base.metadata)
     engine.dispose()
     assert differences == []
