@@ -11,7 +11,12 @@ from facefed.client.federated.config import TrainingConfig
 from facefed.client.federated.model import load_network
 from facefed.core.errors import ConflictError
 from facefed.server.federated.publish import publish_run
-from facefed.server.federated.runs import list_model_versions, promote, runs_dir
+from facefed.server.federated.runs import (
+    list_model_versions,
+    promote,
+    promotions,
+    runs_dir,
+)
 
 
 def _publish(run_id: str, *, cross: float, parent: float, bump: float) -> str:
@@ -56,6 +61,57 @@ def test_published_version_and_promotion_rules():
         promote(second, "lab")
     assert promote(second, "lab", force_new_gallery=True) == second
     assert promote(second, "other") == second
+
+
+def _gallery_with_collection(model_id: str):
+    """The configured gallery database (`$FACEFED_HOME/server.db`) with `lab`."""
+    from facefed.privacy.envelope import encode_master_key
+    from facefed.server.security import Principal
+    from facefed.server.service import GalleryService
+    from facefed.server.settings import get_server_settings
+
+    settings = get_server_settings().model_copy(
+        update={"master_key": encode_master_key(bytes(range(32))), "use_gpu": False}
+    )
+    service = GalleryService(settings)
+    service.start()
+    admin = Principal(role="admin", key_id="test")
+    service.create_protection_key(admin, scheme="orthonormal-v1")
+    service.create_collection(
+        admin, collection_id="lab", model_id=model_id, scheme="orthonormal-v1", dim=128
+    )
+    return service
+
+
+@pytest.mark.slow
+def test_promote_from_the_cli_writes_the_gallery_database():
+    from facefed.server.federated.publish import parent_model_id
+
+    dlib_id = parent_model_id("")
+    service = _gallery_with_collection(dlib_id)
+    try:
+        child = _publish("20260101T000000Z-aaaaaa", cross=0.95, parent=0.9, bump=0.01)
+        worse = _publish("20260101T000001Z-bbbbbb", cross=0.80, parent=0.9, bump=0.02)
+
+        with pytest.raises(ConflictError, match="not backward-compatible"):
+            promote(worse, "lab")
+        assert service.collection("lab")[0].accepted_model_ids == [dlib_id]
+        assert promotions() == {}
+
+        assert promote(child, "lab") == child
+        row, _ = service.collection("lab")
+        assert row.serving_model_id == child
+        assert row.promoted[0].cross_accuracy == pytest.approx(0.95)
+        assert row.promoted[0].parent_accuracy == pytest.approx(0.9)
+        assert promotions() == {"lab": child}
+        # `worse` comes from dlib too, which no longer serves the collection.
+        with pytest.raises(ConflictError, match=f"served by model {child}"):
+            promote(worse, "lab")
+        # The collection holds no template yet: it may restart on `worse`.
+        assert promote(worse, "lab", force_new_gallery=True) == worse
+        assert service.collection("lab")[0].accepted_model_ids == [worse]
+    finally:
+        service.close()
 
 
 def test_train_refuses_missing_site_folders(tmp_path):
