@@ -47,6 +47,20 @@ class EnrollmentReceipt:
 
 
 @dataclass(frozen=True)
+class CollectionModels:
+    """The embedding models of a collection.
+
+    Attributes:
+        serving_model_id: The model to embed with now (the latest promoted).
+        accepted_model_ids: Every model whose templates the collection
+            accepts: the one it started with, then each promoted one.
+    """
+
+    serving_model_id: str
+    accepted_model_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Candidate:
     """One gallery subject returned by a search.
 
@@ -212,6 +226,24 @@ class GalleryClient:
                 "create_collection; deploy/local/up.sh does it)."
             ) from None
         return ProtectionKey.from_dict(body)
+
+    def models(self) -> "CollectionModels":
+        """Which embedding models the collection takes templates of.
+
+        A site embeds with `serving_model_id`; after the admin promotes a
+        backward-compatible model the collection still matches templates of
+        the models before it, so a site may switch when it is ready.
+
+        Raises:
+            NotFoundError: The collection does not exist.
+        """
+        body = self._transport.request(
+            "GET", f"/collections/{self.collection}", retry=True
+        )
+        return CollectionModels(
+            serving_model_id=str(body["serving_model_id"]),
+            accepted_model_ids=tuple(str(m) for m in body["accepted_model_ids"]),
+        )
 
     # -- enrollment ------------------------------------------------------------
 

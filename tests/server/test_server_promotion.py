@@ -245,3 +245,28 @@ def test_unknown_collection_is_not_found_and_untouched(world):
     listed = world.client.get("/v1/collections", headers=world.auth(world.site_key))
     assert [c["id"] for c in listed.json()] == ["default"]
     assert listed.json()[0]["serving_model_id"] == MODEL_ID
+
+
+def test_the_site_sdk_reads_the_serving_model(world):
+    from fastapi.testclient import TestClient
+
+    from facefed.client.gallery import GalleryClient
+    from facefed.client.transport import RetryPolicy, Transport
+
+    _promote(world, CHILD, MODEL_ID)
+    http = TestClient(
+        world.client.app,
+        base_url="http://testserver/v1",
+        headers=world.auth(world.site_key),
+    )
+    transport = Transport(
+        "http://unused",
+        api_key=None,
+        policy=RetryPolicy(max_attempts=1),
+        rng=np.random.default_rng(0),
+        http=http,
+    )
+    with GalleryClient(transport) as client:
+        models = client.models()
+    assert models.serving_model_id == CHILD
+    assert models.accepted_model_ids == (MODEL_ID, CHILD)
