@@ -18,15 +18,6 @@ CentralDP = Literal["none", "server-fixed"]
 CompatMode = Literal["none", "l2"]
 SecureAggregation = Literal["none", "secaggplus"]
 
-SECURE_AGGREGATION_FIELDS = (
-    "secure_aggregation",
-    "secagg_num_shares",
-    "secagg_threshold",
-    "secagg_clipping_range",
-    "secagg_max_weight",
-)
-"""Fields carried in Flower's run config only when SecAgg+ is on (see `to_flower`)."""
-
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -194,16 +185,13 @@ class TrainingConfig:
     def to_flower(self) -> dict[str, bool | int | float | str]:
         """The flat, kebab-case form Flower's run config carries.
 
-        The SecAgg+ fields are left out while it is off, so a plain run
-        carries exactly the keys ``[tool.flwr.app.config]`` declares (``flwr
-        run --run-config`` refuses keys it does not declare).
+        Every key must also be declared in ``[tool.flwr.app.config]`` of
+        pyproject.toml: ``flwr run --run-config`` refuses keys it does not
+        declare (a test checks the two agree).
         """
         flat: dict[str, bool | int | float | str] = {}
-        skipped = {"extra"}
-        if self.secure_aggregation == "none":
-            skipped |= set(SECURE_AGGREGATION_FIELDS)
         for item in dataclasses.fields(self):
-            if item.name in skipped:
+            if item.name == "extra":
                 continue
             value = getattr(self, item.name)
             if isinstance(value, tuple):
