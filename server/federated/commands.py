@@ -226,19 +226,20 @@ def runs_promote(
     model_id: str,
     collection: Annotated[str, typer.Option(help="Collection to serve.")],
     force_new_gallery: Annotated[
-        bool, typer.Option(help="Accept that the gallery must be re-enrolled.")
+        bool,
+        typer.Option(
+            help="Restart an empty collection on this model (refused with templates)."
+        ),
     ] = False,
 ) -> None:
     """Make a published model version the model of a collection."""
     from facefed.server.federated.runs import promote
 
-    promote(model_id, collection, force_new_gallery=force_new_gallery)
-    # FIXME: promotion is recorded and the ONNX registered, but the running
-    # gallery keeps serving the collection's current model (templates of two
-    # models are never compared) until it is re-enrolled with the new one.
+    serving = promote(model_id, collection, force_new_gallery=force_new_gallery)
     typer.echo(
-        f"recorded {model_id} as the promoted model of collection {collection}; "
-        "the gallery keeps serving its current model until it is re-enrolled"
+        f"promoted {model_id} to collection {collection}; it now serves {serving} "
+        "and still accepts templates of the models it served before "
+        f"(GET /v1/collections/{collection} lists them)"
     )
 
 
