@@ -213,6 +213,56 @@ def test_secaggplus_run_shows_the_server_only_masked_updates(three_sites, tmp_pa
                 assert kinds[name] != "arrays" or record["items"] == {}, name
 
 
+@pytest.mark.slow
+def test_secaggplus_round_on_the_deployment_engine(three_sites, tmp_path):
+    """One SecAgg+ round through a SuperLink and three SuperNodes on loopback."""
+    from facefed.server.federated.deployment import CONNECTION, local_federation
+    from facefed.server.federated.runner import read_progress, start_deployment
+
+    run_dir = tmp_path / "run"
+    config = TrainingConfig(
+        num_rounds=1,
+        batch_size=8,
+        min_sites=3,
+        run_dir=str(run_dir),
+        round_timeout=240,
+        secure_aggregation="secaggplus",
+    )
+    app_dir = Path(__file__).resolve().parents[2]
+    with local_federation(three_sites, tmp_path / "federation") as federation:
+        flwr = start_deployment(
+            config,
+            superlink=CONNECTION,
+            app_dir=app_dir,
+            flwr_home=federation.flwr_home,
+        )
+        try:
+            assert flwr.wait(timeout=420) == 0, (run_dir / "flwr-run.log").read_text()
+        finally:
+            if flwr.poll() is None:
+                flwr.kill()
+        deadline = time.monotonic() + 120
+        while (
+            read_progress(run_dir).status == "running" and time.monotonic() < deadline
+        ):
+            time.sleep(1)
+
+    progress = read_progress(run_dir)
+    assert progress.status == "finished", progress.error
+    assert set(progress.epsilon) == {site.name for site in three_sites}
+    entries = [json.loads(line) for line in (run_dir / "messages.jsonl").open()]
+    assert {e["phase"] for e in entries} == {
+        *(f"train:{stage}" for stage in SECAGG_STAGES),
+        "evaluate",
+    }
+    masked = [e for e in entries if e["phase"] == "train:collect_masked_vectors"]
+    assert len(masked) == 3 and not any("error" in e for e in masked)
+    for entry in entries:
+        if entry["phase"].startswith("train"):
+            for name, record in entry["records"].items():
+                assert record["kind"] != "arrays" or record["items"] == {}, name
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -234,9 +284,10 @@ def test_impossible_secaggplus_settings_are_refused(changes, message):
         )
 
 
-def test_secaggplus_settings_travel_only_when_it_is_on():
-    plain = TrainingConfig()
-    assert not any(k.startswith(("secure-", "secagg-")) for k in plain.to_flower())
+def test_secaggplus_settings_travel_in_flowers_run_config():
+    plain = TrainingConfig().to_flower()
+    assert plain["secure-aggregation"] == "none"
+    assert TrainingConfig.from_flower(plain).secure_aggregation == "none"
     secure = TrainingConfig(
         secure_aggregation="secaggplus",
         min_sites=4,
