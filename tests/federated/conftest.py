@@ -97,3 +97,45 @@ def admin_client(tmp_path):
     with TestClient(create_app(settings)) as client:
         client.headers["Authorization"] = f"Bearer {admin_key}"
         yield client
+
+
+@pytest.fixture
+def deployment_run(tmp_path):
+    """Run a training config on a local SuperLink with a SuperNode per site.
+
+    Returns a function (sites, config) -> the run's final progress; the
+    federation's processes are stopped before it returns.
+    """
+    import time
+
+    from facefed.server.federated.deployment import CONNECTION, local_federation
+    from facefed.server.federated.runner import read_progress, start_deployment
+
+    app_dir = Path(__file__).resolve().parents[2]
+
+    def run(sites: list[Path], config):
+        run_dir = Path(config.run_dir)
+        with local_federation(sites, tmp_path / "federation") as federation:
+            flwr = start_deployment(
+                config,
+                superlink=CONNECTION,
+                app_dir=app_dir,
+                flwr_home=federation.flwr_home,
+            )
+            try:
+                log = run_dir / "flwr-run.log"
+                assert flwr.wait(timeout=420) == 0, log.read_text()
+            finally:
+                if flwr.poll() is None:
+                    flwr.kill()
+            # `flwr run` returns once the run is submitted and streamed; the
+            # ServerApp may still be publishing the model.
+            deadline = time.monotonic() + 120
+            while (
+                read_progress(run_dir).status == "running"
+                and time.monotonic() < deadline
+            ):
+                time.sleep(1)
+        return read_progress(run_dir)
+
+    return run

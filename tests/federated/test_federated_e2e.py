@@ -144,10 +144,7 @@ def test_simulation_run_through_the_api_with_a_failing_site(
 
 
 @pytest.mark.slow
-def test_deployment_engine_one_round(sites, tmp_path):
-    from facefed.server.federated.deployment import CONNECTION, local_federation
-    from facefed.server.federated.runner import start_deployment
-
+def test_deployment_engine_one_round(sites, tmp_path, deployment_run):
     run_dir = tmp_path / "run"
     config = TrainingConfig(
         num_rounds=1,
@@ -156,25 +153,7 @@ def test_deployment_engine_one_round(sites, tmp_path):
         run_dir=str(run_dir),
         round_timeout=240,
     )
-    app_dir = Path(__file__).resolve().parents[2]
-    with local_federation(sites, tmp_path / "federation") as federation:
-        flwr = start_deployment(
-            config,
-            superlink=CONNECTION,
-            app_dir=app_dir,
-            flwr_home=federation.flwr_home,
-        )
-        try:
-            assert flwr.wait(timeout=420) == 0, (run_dir / "flwr-run.log").read_text()
-        finally:
-            if flwr.poll() is None:
-                flwr.kill()
-        deadline = time.monotonic() + 120
-        while (
-            read_progress(run_dir).status == "running" and time.monotonic() < deadline
-        ):
-            time.sleep(1)
-    progress = read_progress(run_dir)
+    progress = deployment_run(sites, config)
     assert progress.status == "finished", (run_dir / "flwr-run.log").read_text()[-3000:]
     _assert_model_changed_and_epsilon(run_dir, sites, rounds=1)
     _assert_only_shared_arrays_and_metrics(run_dir, {s.name for s in sites})

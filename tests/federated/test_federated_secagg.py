@@ -214,11 +214,10 @@ def test_secaggplus_run_shows_the_server_only_masked_updates(three_sites, tmp_pa
 
 
 @pytest.mark.slow
-def test_secaggplus_round_on_the_deployment_engine(three_sites, tmp_path):
+def test_secaggplus_round_on_the_deployment_engine(
+    three_sites, tmp_path, deployment_run
+):
     """One SecAgg+ round through a SuperLink and three SuperNodes on loopback."""
-    from facefed.server.federated.deployment import CONNECTION, local_federation
-    from facefed.server.federated.runner import read_progress, start_deployment
-
     run_dir = tmp_path / "run"
     config = TrainingConfig(
         num_rounds=1,
@@ -228,26 +227,8 @@ def test_secaggplus_round_on_the_deployment_engine(three_sites, tmp_path):
         round_timeout=240,
         secure_aggregation="secaggplus",
     )
-    app_dir = Path(__file__).resolve().parents[2]
-    with local_federation(three_sites, tmp_path / "federation") as federation:
-        flwr = start_deployment(
-            config,
-            superlink=CONNECTION,
-            app_dir=app_dir,
-            flwr_home=federation.flwr_home,
-        )
-        try:
-            assert flwr.wait(timeout=420) == 0, (run_dir / "flwr-run.log").read_text()
-        finally:
-            if flwr.poll() is None:
-                flwr.kill()
-        deadline = time.monotonic() + 120
-        while (
-            read_progress(run_dir).status == "running" and time.monotonic() < deadline
-        ):
-            time.sleep(1)
+    progress = deployment_run(three_sites, config)
 
-    progress = read_progress(run_dir)
     assert progress.status == "finished", progress.error
     assert set(progress.epsilon) == {site.name for site in three_sites}
     entries = [json.loads(line) for line in (run_dir / "messages.jsonl").open()]
