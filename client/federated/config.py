@@ -7,6 +7,8 @@ those pairs, and the only place their defaults live.
 """
 
 import dataclasses
+import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -200,8 +202,16 @@ class TrainingConfig:
         return flat
 
     @classmethod
-    def from_flower(cls, flat: Mapping[str, object]) -> "TrainingConfig":
+    def from_flower(
+        cls, flat: Mapping[str, object], *, kebab_case_errors: bool = False
+    ) -> "TrainingConfig":
         """Build a config from Flower's run config, ignoring keys it does not know.
+
+        Args:
+            flat: The run config (kebab-case keys).
+            kebab_case_errors: Name keys in error messages as a config file
+                or a command line spells them (``secagg-threshold``) rather
+                than as Python does (``secagg_threshold``).
 
         Raises:
             ConfigurationError: A value has the wrong type or is out of range.
@@ -230,11 +240,71 @@ class TrainingConfig:
                 raise ConfigurationError(
                     f"Run config {key} has an invalid value {value!r}."
                 ) from error
-        return cls(**values)  # type: ignore[arg-type]
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except ConfigurationError as error:
+            if not kebab_case_errors:
+                raise
+            raise ConfigurationError(_kebab_case_names(str(error))) from None
 
     def replace(self, **changes: object) -> "TrainingConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+# Keys a `facefed train --config` file's [training] table may hold beyond the
+# run config: the site folders, as a TOML list.
+FILE_ONLY_KEYS = ("sites",)
+
+
+def run_config_keys() -> tuple[str, ...]:
+    """Every key of Flower's run config (`TrainingConfig.to_flower`), kebab-case."""
+    return tuple(
+        item.name.replace("_", "-")
+        for item in dataclasses.fields(TrainingConfig)
+        if item.name != "extra"
+    )
+
+
+def training_table(document: Mapping[str, object], source: str) -> dict[str, object]:
+    """The ``[training]`` table of a parsed config file, every key checked.
+
+    Args:
+        document: The parsed TOML document.
+        source: Where it came from (the file's path), for the messages.
+
+    Raises:
+        ConfigurationError: The document has no ``[training]`` table, or the
+            table holds a key no run config has (the message names it and the
+            closest known key, so a typo never passes silently).
+    """
+    table = document.get("training")
+    if not isinstance(table, Mapping):
+        raise ConfigurationError(
+            f"{source} has no [training] table: put the run's keys under a "
+            "[training] header (sites = [...], num-rounds = 5, ...)."
+        )
+    known = (*FILE_ONLY_KEYS, *run_config_keys())
+    for key in table:
+        if key not in known:
+            raise ConfigurationError(_unknown_key_message(str(key), known, source))
+    return dict(table)
+
+
+def _unknown_key_message(key: str, known: tuple[str, ...], source: str) -> str:
+    message = f"{source}: [training] has an unknown key {key!r}."
+    close = difflib.get_close_matches(key.replace("_", "-"), known, n=1, cutoff=0.6)
+    if close:
+        return f"{message} Did you mean {close[0]!r}?"
+    return f"{message} Known keys: {', '.join(sorted(known))}."
+
+
+def _kebab_case_names(message: str) -> str:
+    for item in dataclasses.fields(TrainingConfig):
+        if "_" in item.name:
+            kebab = item.name.replace("_", "-")
+            message = re.sub(rf"\b{item.name}\b", kebab, message)
+    return message
 
 
 def _positive_int(name: str, value: int) -> None:

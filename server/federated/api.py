@@ -9,11 +9,18 @@ child last wrote.
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from facefed.client.federated.config import (
+    Accountant,
+    CentralDP,
+    CompatMode,
+    SecureAggregation,
+    TrainingConfig,
+)
 from facefed.core.errors import ConfigurationError, NotFoundError
 from facefed.server.api.deps import Admin, Service
 from facefed.server.db import ModelVersion as ModelVersionRow
@@ -23,15 +30,60 @@ router = APIRouter(tags=["training"])
 
 
 class TrainingRunCreate(BaseModel):
-    """A training run to start on the simulation engine."""
+    """A training run to start on the simulation engine.
+
+    Every setting of `facefed train` and its ``--config`` file except the
+    engine's own (run folder, site count): `TrainingConfig` documents each
+    one, and checks the combination exactly as the CLI does. A field this
+    model does not know is refused (422), so a misspelt request for secure
+    aggregation never starts a plain run.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     sites: Annotated[list[str], Field(min_length=1, max_length=64)]
     rounds: Annotated[int, Field(ge=1, le=1000)] = 5
     target_epsilon: Annotated[float, Field(gt=0, le=100)] = 8.0
     target_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
     trainable_blocks: Annotated[int, Field(ge=1, le=6)] = 1
-    compat: Literal["none", "l2"] = "none"
+    compat: CompatMode = "none"
+    # Defaults (and the checks of values and combinations) are TrainingConfig's.
+    local_epochs: Annotated[int, Field(le=1000)] = TrainingConfig.local_epochs
+    batch_size: int = TrainingConfig.batch_size
+    learning_rate: float = TrainingConfig.learning_rate
+    head_lr_scale: float = TrainingConfig.head_lr_scale
+    max_grad_norm: float = TrainingConfig.max_grad_norm
+    accountant: Accountant = TrainingConfig.accountant
+    arcface_scale: float = TrainingConfig.arcface_scale
+    arcface_margin: float = TrainingConfig.arcface_margin
+    compat_weight: float = TrainingConfig.compat_weight
+    min_fit_fraction: float = TrainingConfig.min_fit_fraction
+    central_dp: CentralDP = TrainingConfig.central_dp
+    central_noise_multiplier: float = TrainingConfig.central_noise_multiplier
+    central_clipping_norm: float = TrainingConfig.central_clipping_norm
+    secure_aggregation: SecureAggregation = TrainingConfig.secure_aggregation
+    secagg_num_shares: StrictInt = TrainingConfig.secagg_num_shares
+    secagg_threshold: StrictInt = TrainingConfig.secagg_threshold
+    secagg_clipping_range: float = TrainingConfig.secagg_clipping_range
+    secagg_max_weight: float = TrainingConfig.secagg_max_weight
+    round_timeout: float = TrainingConfig.round_timeout
     parent_model: str = ""
+
+    def training_config(self, run_dir: Path) -> TrainingConfig:
+        """The run's `TrainingConfig` (the CLI's checks and messages).
+
+        Raises:
+            ConfigurationError: An impossible combination (SecAgg+ with central
+                DP, fewer sites than the SecAgg+ threshold, ...).
+        """
+        settings = self.model_dump(exclude={"sites", "rounds"})
+        return TrainingConfig(
+            num_rounds=self.rounds,
+            site_dirs=tuple(str(Path(p).resolve()) for p in self.sites),
+            min_sites=len(self.sites),
+            run_dir=str(run_dir),
+            **settings,
+        )
 
 
 class TrainingRunPublic(BaseModel):
@@ -39,6 +91,7 @@ class TrainingRunPublic(BaseModel):
 
     id: str
     status: str
+    config: dict[str, Any]
     rounds: int
     current_round: int
     epsilon: dict[str, Any]
@@ -72,6 +125,7 @@ def _public(row: TrainingRun) -> TrainingRunPublic:
     return TrainingRunPublic(
         id=row.id,
         status=row.status,
+        config=row.config,
         rounds=row.rounds,
         current_round=row.current_round,
         epsilon=row.epsilon,
@@ -141,8 +195,11 @@ def _record_version(session: Any, model_dir: Path) -> str:
 def start_run(
     body: TrainingRunCreate, service: Service, caller: Admin
 ) -> TrainingRunPublic:
-    """Start a federated training run on the simulation engine."""
-    from facefed.client.federated.config import TrainingConfig
+    """Start a federated training run on the simulation engine.
+
+    Nothing starts, and no run is recorded, when a site folder is missing or
+    the settings cannot go together (400 with the CLI's message).
+    """
     from facefed.server.federated.runner import start_simulation
     from facefed.server.federated.runs import new_run_id, runs_dir
 
@@ -150,17 +207,7 @@ def start_run(
         if not Path(folder).is_dir():
             raise ConfigurationError(f"The site folder {folder} does not exist.")
     run_id = new_run_id()
-    config = TrainingConfig(
-        num_rounds=body.rounds,
-        site_dirs=tuple(str(Path(p).resolve()) for p in body.sites),
-        target_epsilon=body.target_epsilon,
-        target_delta=body.target_delta,
-        trainable_blocks=body.trainable_blocks,
-        compat=body.compat,
-        parent_model=body.parent_model,
-        min_sites=len(body.sites),
-        run_dir=str(runs_dir() / run_id),
-    )
+    config = body.training_config(runs_dir() / run_id)
     now = utcnow()
     with session_scope(service.sessions) as session:
         session.add(

@@ -1,6 +1,7 @@
 """The admin training API's checks (a run through the API: test_federated_e2e)."""
 
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -13,6 +14,89 @@ def test_bad_site_folder_is_refused_and_nothing_starts(admin_client, tmp_path):
     assert answer.status_code == 400, answer.text
     assert "does not exist" in answer.text
     assert admin_client.get("/v1/training/runs").json() == []
+
+
+def _site_folders(tmp_path, count: int) -> list[str]:
+    folders = [tmp_path / f"site-{index}" for index in range(count)]
+    for folder in folders:
+        folder.mkdir()
+    return [str(folder) for folder in folders]
+
+
+@pytest.mark.parametrize(
+    ("changes", "status", "message"),
+    [
+        ({"secure_aggregaton": "secaggplus"}, 422, "secure_aggregaton"),
+        ({"central-dp": "server-fixed"}, 422, "central-dp"),
+        ({"secure_aggregation": "homomorphic"}, 422, "secure_aggregation"),
+        (
+            {"secure_aggregation": "secaggplus", "central_dp": "server-fixed"},
+            400,
+            "cannot be combined with central_dp='server-fixed'",
+        ),
+        (
+            {"secure_aggregation": "secaggplus", "secagg_threshold": 5},
+            400,
+            "at least secagg_threshold=5 sites in every round, but the run has 2",
+        ),
+        (
+            {"secure_aggregation": "secaggplus", "secagg_num_shares": 2},
+            400,
+            "secagg_num_shares must be 0",
+        ),
+        ({"learning_rate": 0}, 400, "learning_rate must be positive"),
+    ],
+)
+def test_impossible_run_settings_are_refused_and_nothing_starts(
+    admin_client, tmp_path, changes, status, message
+):
+    body = {"sites": _site_folders(tmp_path, 2), "rounds": 1, **changes}
+    answer = admin_client.post("/v1/training/runs", json=body)
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["error"]["message"]
+    assert admin_client.get("/v1/training/runs").json() == []
+    assert multiprocessing.active_children() == []
+
+
+def test_an_accepted_secaggplus_request_starts_a_secaggplus_run(admin_client, tmp_path):
+    body = {
+        "sites": _site_folders(tmp_path, 3),
+        "rounds": 2,
+        "secure_aggregation": "secaggplus",
+        "secagg_threshold": 2,
+        "secagg_num_shares": 3,
+        "secagg_clipping_range": 0.02,
+        "local_epochs": 2,
+    }
+    answer = admin_client.post("/v1/training/runs", json=body)
+    assert answer.status_code == 201, answer.text
+    run = answer.json()
+    try:
+        assert run["status"] == "running"
+        for listed in (run, admin_client.get(f"/v1/training/runs/{run['id']}").json()):
+            config = listed["config"]
+            assert config["secure-aggregation"] == "secaggplus"
+            assert config["central-dp"] == "none"
+            assert config["secagg-threshold"] == 2
+            assert config["secagg-num-shares"] == 3
+            assert config["secagg-clipping-range"] == 0.02
+            assert config["local-epochs"] == 2
+            assert config["num-rounds"] == 2
+        # The run really started: its simulation child is running.
+        (child,) = multiprocessing.active_children()
+        assert child.name == f"facefed-train-{run['id']}"
+    finally:
+        admin_client.post(f"/v1/training/runs/{run['id']}/cancel")
+        _wait_for_children()
+
+
+def _wait_for_children(timeout_s: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert multiprocessing.active_children() == []
 
 
 def test_training_api_is_admin_only(admin_client):
