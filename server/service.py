@@ -1510,24 +1510,30 @@ def _check_compatible_child(collection: Collection, promotion: Promotion) -> Non
 def _restart_collection(
     session: Session, collection: Collection, model_id: str
 ) -> None:
-    stored = (
-        session.scalar(
-            select(func.count())
-            .select_from(Template)
-            .where(Template.collection_id == collection.id)
-        )
-        or 0
-    )
+    stored = _template_counts_by_model(session, collection.id)
     if stored:
+        # In the order the collection took the models on (its first one first).
+        taken = {m: i for i, m in enumerate(collection.accepted_model_ids)}
+        models = sorted(stored, key=lambda m: (taken.get(m, len(taken)), m))
+        held = ", ".join(f"{stored[model]} of {model}" for model in models)
         raise ConflictError(
-            f"Collection {collection.id!r} holds {stored} template(s) of model(s) "
-            f"{', '.join(collection.accepted_model_ids)}; force_new_gallery would "
-            f"put {model_id}'s templates beside them, and the two cannot be "
-            "compared. Erase its subjects first, or create a new collection "
-            f"for {model_id}."
+            f"Collection {collection.id!r} holds {sum(stored.values())} "
+            f"template(s) ({held}); force_new_gallery would put {model_id}'s "
+            "templates beside them, and the two cannot be compared. Erase its "
+            f"subjects first, or create a new collection for {model_id}."
         )
     collection.model_id = model_id
     collection.promoted.clear()
+
+
+def _template_counts_by_model(session: Session, collection_id: str) -> dict[str, int]:
+    """How many templates of each model a collection stores, by model id."""
+    rows = session.execute(
+        select(Template.model_id, func.count())
+        .where(Template.collection_id == collection_id)
+        .group_by(Template.model_id)
+    )
+    return {str(model): int(count) for model, count in rows}
 
 
 def _percent(value: float | None) -> str:

@@ -236,6 +236,29 @@ def test_force_new_gallery_moves_only_an_empty_collection(world, lfw):
     assert fresh["promoted"] == []
 
 
+def test_force_new_gallery_refusal_names_the_models_of_stored_templates(world, lfw):
+    _, embeddings = lfw
+    for row in (0, 1):
+        assert (
+            enroll_site_subject(world.client, world, embeddings[row]).status_code == 201
+        )
+    _promote(world, CHILD, MODEL_ID)
+
+    with pytest.raises(ConflictError) as refused:
+        _promote(world, "unrelated", "other-parent", force=True)
+    message = str(refused.value)
+    assert f"holds 2 template(s) (2 of {MODEL_ID})" in message
+    assert CHILD not in message  # accepted, but none of its templates is stored
+
+    child_probe = _embed(_near_identity(1), embeddings[2])
+    enrolled = enroll_site_subject(world.client, world, child_probe, model_id=CHILD)
+    assert enrolled.status_code == 201, enrolled.text
+    with pytest.raises(ConflictError) as refused:
+        _promote(world, "unrelated", "other-parent", force=True)
+    assert f"holds 3 template(s) (2 of {MODEL_ID}, 1 of {CHILD})" in str(refused.value)
+    assert _collection(world)["accepted_model_ids"] == [MODEL_ID, CHILD]
+
+
 def test_unknown_collection_is_not_found_and_untouched(world):
     assert _promote(world, CHILD, MODEL_ID, to="nowhere") is None
     answer = world.client.get(
