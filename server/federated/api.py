@@ -163,17 +163,22 @@ def _sync(service: Service, run_id: str) -> TrainingRunPublic:
 
 
 def _record_version(session: Any, model_dir: Path) -> str:
+    """Add a published version's `model_versions` row unless it has one."""
     import json
+
+    from facefed.core.embedding import load_metadata
 
     summary = json.loads((model_dir / "training.json").read_text())
     model_id = str(summary["model_id"])
     if session.get(ModelVersionRow, model_id) is None:
+        # The metadata's parent id is the registry's (the gallery's) id.
+        parent_id = load_metadata(model_dir / f"{model_id}.json").parent_id
         onnx = next(model_dir.glob(f"{model_id}.onnx"), None)
         session.add(
             ModelVersionRow(
                 id=model_id,
-                name=f"federated fine-tune of {summary['parent_model']}",
-                parent_id=str(summary["parent_model"]),
+                name=f"federated fine-tune of {parent_id}",
+                parent_id=parent_id,
                 created_at=utcnow(),
                 status="published",
                 metadata_={
@@ -185,6 +190,17 @@ def _record_version(session: Any, model_dir: Path) -> str:
             )
         )
     return model_id
+
+
+def _version_public(row: ModelVersionRow) -> ModelVersionPublic:
+    return ModelVersionPublic(
+        id=row.id,
+        name=row.name,
+        parent_id=row.parent_id,
+        status=row.status,
+        created_at=row.created_at,
+        metadata=row.metadata_,
+    )
 
 
 @router.post(
@@ -256,22 +272,32 @@ def cancel_run(run_id: str, service: Service, caller: Admin) -> TrainingRunPubli
 
 @router.get("/models", response_model=list[ModelVersionPublic])
 def list_models(service: Service, caller: Admin) -> list[ModelVersionPublic]:
-    """Published model versions."""
+    """Every published model version, newest first: `published` or `promoted`.
+
+    Versions published by runs started from the CLI are recorded on this
+    read, and those promoted from the CLI (`training/promotions.json`) are
+    marked promoted.
+    """
     from sqlalchemy import select
 
+    from facefed.server.federated.runs import list_model_versions, promotions
+
+    promoted = set(promotions().values())
     with session_scope(service.sessions) as session:
-        rows = list(session.scalars(select(ModelVersionRow)))
-        return [
-            ModelVersionPublic(
-                id=r.id,
-                name=r.name,
-                parent_id=r.parent_id,
-                status=r.status,
-                created_at=r.created_at,
-                metadata=r.metadata_,
+        for version in list_model_versions():
+            _record_version(session, version.folder)
+        session.flush()
+        rows = list(
+            session.scalars(
+                select(ModelVersionRow).order_by(
+                    ModelVersionRow.created_at.desc(), ModelVersionRow.id
+                )
             )
-            for r in rows
-        ]
+        )
+        for row in rows:
+            if row.id in promoted:
+                row.status = "promoted"
+        return [_version_public(row) for row in rows]
 
 
 @router.post("/models/{model_id}/promote", response_model=ModelVersionPublic)
@@ -303,11 +329,4 @@ def promote_model(
             raise NotFoundError(f"No published model version {model_id!r}.")
         row.status = "promoted"
         row.metadata_ = {**row.metadata_, "collection": body.collection}
-        return ModelVersionPublic(
-            id=row.id,
-            name=row.name,
-            parent_id=row.parent_id,
-            status=row.status,
-            created_at=row.created_at,
-            metadata=row.metadata_,
-        )
+        return _version_public(row)

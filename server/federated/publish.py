@@ -3,8 +3,9 @@
 A model version is a folder holding ``weights.pt`` (the whole network's
 state dict), ``model.onnx`` with its ``ModelMetadata`` JSON (engineer C's
 export and metadata format, so the same embedder loads it), and
-``training.json``: parent model, rounds, sites, epsilon per site, per-round
-metrics and whether the model is backward-compatible with its parent.
+``training.json``: parent model (its registry id), rounds, sites, epsilon
+per site, per-round metrics and whether the model is backward-compatible
+with its parent.
 """
 
 import json
@@ -66,7 +67,8 @@ def publish_run(
     tmp_dir.mkdir(parents=True)
 
     torch.save(network.state_dict(), tmp_dir / WEIGHTS_FILE)
-    model_id = export_onnx(network, tmp_dir, parent=config.parent_model)
+    parent_id = parent_model_id(config.parent_model)
+    model_id = export_onnx(network, tmp_dir, parent_id=parent_id)
 
     epsilon = {
         site: metrics["epsilon"]
@@ -75,7 +77,9 @@ def publish_run(
     }
     summary = {
         "model_id": model_id,
-        "parent_model": config.parent_model or "dlib_face_recognition_resnet_model_v1",
+        # The registry id (as in the metadata, the gallery and promotions);
+        # the parent's folder, when it had one, stays in config.parent-model.
+        "parent_model": parent_id,
         "rounds": config.num_rounds,
         "rounds_aggregated": sorted(site_train),
         "sites": sorted({s for r in site_train.values() for s in r}),
@@ -111,7 +115,7 @@ def parent_model_id(parent_model: str) -> str:
     return load_metadata(found[0]).model_id
 
 
-def export_onnx(network: DlibResNet, folder: Path, *, parent: str) -> str:
+def export_onnx(network: DlibResNet, folder: Path, *, parent_id: str) -> str:
     """Export the network to ONNX beside its `ModelMetadata`; return the model id.
 
     The id is derived from the SHA-256 of ``weights.pt`` (C's registry
@@ -140,7 +144,7 @@ def export_onnx(network: DlibResNet, folder: Path, *, parent: str) -> str:
         licence="weights derived from dlib's ResNet model (CC0); see training.json",
         # Thresholds of the parent do not carry over: calibrate the new model
         # with `facefed eval verify --calibrate` before serving decisions.
-        parent_id=parent_model_id(parent),
+        parent_id=parent_id,
         onnx_file=onnx_path.name,
         onnx_sha256=file_sha256(onnx_path),
         weights_sha256=weights_sha,

@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,3 +286,71 @@ def _consent() -> dict:
         "given_at": datetime.now(UTC).isoformat(),
         "retention_days": 30,
     }
+
+
+def _publish_scaled(run_id: str, *, parent_model: str = "", bump: float) -> Path:
+    """Publish dlib's network with its projection scaled (a distinct version)."""
+    import torch
+
+    from facefed.client.federated.config import TrainingConfig
+    from facefed.client.federated.model import load_network
+    from facefed.server.federated.publish import publish_run
+    from facefed.server.federated.runs import runs_dir
+
+    network = load_network(parent_model)
+    with torch.no_grad():
+        network.embedding.fc.weight.mul_(1.0 + bump)
+    config = TrainingConfig(
+        num_rounds=1, run_dir=str(runs_dir() / run_id), parent_model=parent_model
+    )
+    metrics = {"num-examples": 8.0, "accuracy": 0.9}
+    return publish_run(
+        network,
+        config=config,
+        site_train={1: {"site-a": {"epsilon": 1.0, "num-examples": 24.0}}},
+        site_evaluate={
+            1: {"site-a": metrics | {"cross-accuracy": 0.9, "parent-accuracy": 0.9}}
+        },
+        shared_names=["embedding.fc.weight"],
+    )
+
+
+@pytest.mark.slow
+def test_every_published_version_is_listed_under_its_parents_registry_id(
+    admin_client,
+):
+    from facefed.core.embedding import load_metadata
+    from facefed.server.federated.publish import parent_model_id
+
+    dlib_id = parent_model_id("")
+    assert admin_client.get("/v1/models").json() == []
+    first_dir = _publish_scaled("20260101T000000Z-aaaaaa", bump=0.01)
+    second_dir = _publish_scaled(
+        "20260101T000001Z-bbbbbb", parent_model=str(first_dir), bump=0.01
+    )
+    first = json.loads((first_dir / "training.json").read_text())
+    second = json.loads((second_dir / "training.json").read_text())
+
+    # One id for a parent everywhere: training.json, metadata, the API.
+    assert first["parent_model"] == dlib_id
+    assert dlib_id.startswith("dlib-resnet-v1-")
+    assert second["parent_model"] == first["model_id"]
+    assert second["config"]["parent-model"] == str(first_dir)
+    for folder, summary in ((first_dir, first), (second_dir, second)):
+        metadata = load_metadata(folder / f"{summary['model_id']}.json")
+        assert metadata.parent_id == summary["parent_model"]
+
+    # Published from outside the API (as `facefed train` does), never promoted.
+    listed = {m["id"]: m for m in admin_client.get("/v1/models").json()}
+    assert set(listed) == {first["model_id"], second["model_id"]}
+    assert listed[first["model_id"]]["parent_id"] == dlib_id
+    assert listed[second["model_id"]]["parent_id"] == first["model_id"]
+    assert {m["status"] for m in listed.values()} == {"published"}
+
+    promoted = admin_client.post(
+        f"/v1/models/{first['model_id']}/promote", json={"collection": "lab"}
+    )
+    assert promoted.status_code == 200, promoted.text
+    listed = {m["id"]: m for m in admin_client.get("/v1/models").json()}
+    assert listed[first["model_id"]]["status"] == "promoted"
+    assert listed[second["model_id"]]["status"] == "published"
