@@ -35,16 +35,27 @@ def _client(*, anonymous: bool = False) -> "GalleryClient":
     return GalleryClient.from_settings(anonymous=anonymous)
 
 
-def _agent(*, with_pipeline: bool = True) -> "SiteAgent":
+def _agent(*, with_pipeline: bool = True, model: str | None = None) -> "SiteAgent":
     from facefed.client.agent import SiteAgent
     from facefed.client.settings import get_client_settings
 
     settings = get_client_settings()
+    client = _client()
     pipeline = None
     if with_pipeline:
+        from facefed.client.site_model import choose_model, load_site_embedder
         from facefed.models.zoo import default_pipeline
 
-        pipeline = default_pipeline(liveness=settings.liveness)
+        # Refused before any photo is read: a model the collection does not
+        # accept, or one this site does not hold.
+        model_id = choose_model(
+            model or settings.embedding_model,
+            client.models(),
+            collection=client.collection,
+        )
+        pipeline = default_pipeline(
+            liveness=settings.liveness, embedder=load_site_embedder(model_id)
+        )
     training_dir = settings.resolved_site_dir / "training"
     data_store = None
     if training_dir.is_dir():
@@ -52,11 +63,22 @@ def _agent(*, with_pipeline: bool = True) -> "SiteAgent":
 
         data_store = SiteDataStore(training_dir)
     return SiteAgent(
-        _client(),
+        client,
         pipeline,
         data_store=data_store,
         check_liveness=settings.liveness,
     )
+
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Embedding model id to use (one the collection accepts, registered "
+        "at this site), or 'serving'; default FACEFED_EMBEDDING_MODEL, which "
+        "defaults to the collection's serving model.",
+    ),
+]
 
 
 def _registry() -> "SiteRegistry":
@@ -95,10 +117,13 @@ def enroll(
             "(a photo refused by the liveness check always refuses the enrollment)."
         ),
     ] = False,
+    model: ModelOption = None,
 ) -> None:
     """Enroll one person from one or more photos, with their consent record."""
     if subject is not None:
-        _add_photos(images, subject_id=subject, skip_unusable=skip_unusable)
+        _add_photos(
+            images, subject_id=subject, skip_unusable=skip_unusable, model=model
+        )
         return
     from facefed.client.consent import load_consent
     from facefed.core.errors import ConfigurationError, ConflictError
@@ -120,7 +145,7 @@ def enroll(
             f"`facefed site erase {enrolled}`."
         )
     record = load_consent(consent)
-    agent = _agent()
+    agent = _agent(model=model)
     with console.status("Running the local pipeline and enrolling..."):
         receipt = agent.enroll(
             images,
@@ -144,10 +169,12 @@ def enroll(
         )
 
 
-def _add_photos(images: list[Path], *, subject_id: str, skip_unusable: bool) -> None:
+def _add_photos(
+    images: list[Path], *, subject_id: str, skip_unusable: bool, model: str | None
+) -> None:
     from facefed.core.errors import GoneError
 
-    agent = _agent()
+    agent = _agent(model=model)
     try:
         with console.status("Running the local pipeline and adding photos..."):
             count = agent.add_templates(
@@ -186,9 +213,10 @@ def _forget_erased(agent: "SiteAgent", subject_id: str) -> None:
 def identify(
     image: Annotated[Path, typer.Argument(help="Probe photo.")],
     top_k: Annotated[int, typer.Option(min=1, help="Candidates to list.")] = 5,
+    model: ModelOption = None,
 ) -> None:
     """Search the gallery for the person in a photo (1:N)."""
-    agent = _agent()
+    agent = _agent(model=model)
     result = agent.identify(image, top_k=top_k)
     for rank, candidate in enumerate(result.candidates, start=1):
         console.print(f"{rank}. {candidate.subject_id}  score {candidate.score:.3f}")
@@ -205,11 +233,12 @@ def identify(
 def verify(
     image: Annotated[Path, typer.Argument(help="Probe photo.")],
     subject: Annotated[str, typer.Option(help="The claimed subject id.")],
+    model: ModelOption = None,
 ) -> None:
     """Check a photo against one enrolled subject (1:1); exits 1 on no match."""
     from facefed.core.errors import GoneError
 
-    agent = _agent()
+    agent = _agent(model=model)
     try:
         result = agent.verify(image, subject_id=subject)
     except GoneError:

@@ -30,6 +30,10 @@ class ClientSettings(BaseSettings):
         ca_file: CA bundle used to check the server's TLS certificate; the
             system store when unset.
         liveness: Run the silent liveness check at enrollment and matching.
+        embedding_model: The model the site embeds with: `serving` (the
+            collection's serving model, asked of the server each time), or a
+            model id the collection accepts, registered in the site's model
+            folder (see `facefed.client.site_model`).
     """
 
     model_config = SettingsConfigDict(env_prefix="FACEFED_", extra="ignore")
@@ -45,6 +49,7 @@ class ClientSettings(BaseSettings):
     backoff_max_s: float = Field(default=8.0, ge=0)
     ca_file: Path | None = None
     liveness: bool = True
+    embedding_model: str = Field(default="serving", min_length=1, max_length=128)
 
     @field_validator("server_url")
     @classmethod
@@ -54,6 +59,13 @@ class ClientSettings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("the server URL must start with http:// or https://")
         return value
+
+    @field_validator("embedding_model", mode="before")
+    @classmethod
+    def _blank_model_is_serving(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return "serving"
+        return value.strip() if isinstance(value, str) else value
 
     @field_validator("api_key_file", "site_dir", "ca_file", mode="before")
     @classmethod
