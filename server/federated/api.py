@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from facefed.client.federated.config import (
     Accountant,
@@ -117,8 +117,11 @@ class ModelVersionPublic(BaseModel):
 class PromotionCreate(BaseModel):
     """Promote a version to serve a collection."""
 
+    model_config = ConfigDict(extra="forbid")
+
     collection: Annotated[str, Field(min_length=1, max_length=64)]
-    force_new_gallery: bool = False
+    # Strict: "yes" or 1 restarting a gallery by accident is not a typo to forgive.
+    force_new_gallery: StrictBool = False
 
 
 def _public(row: TrainingRun) -> TrainingRunPublic:

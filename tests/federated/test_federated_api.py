@@ -266,6 +266,13 @@ def test_promoted_compatible_child_matches_parent_templates(admin_client, sites)
         headers=site_headers,
     )
     assert forbidden.status_code == 403
+    for sloppy in (
+        {"collection": "lab", "force_new_gallery": "yes"},
+        {"collection": "lab", "force": True},
+    ):
+        rejected = admin_client.post(f"/v1/models/{child_id}/promote", json=sloppy)
+        assert rejected.status_code == 422, rejected.text
+    assert identify(child_id, probes[0][0]).status_code == 422
 
     for _ in range(2):  # idempotent
         promoted = admin_client.post(
