@@ -21,7 +21,7 @@ from facefed.client.federated.training import (
     dp_train,
     noise_multiplier_for,
 )
-from facefed.core.errors import ConfigurationError
+from facefed.core.errors import ConfigurationError, PrivacyBudgetExceededError
 from facefed.privacy.dp import DPConfig, PrivacyLedger
 
 logger = logging.getLogger(__name__)
@@ -122,13 +122,19 @@ class SiteRuntime:
             target_epsilon=self.config.target_epsilon,
             accountant=self.config.accountant,
         )
-        self.ledger.ensure_budget(
-            self.site_id,
-            budget=self.config.target_epsilon,
-            delta=self.config.target_delta,
-            planned_run=(dp, sample_rate, steps),
-            accountant=self.config.accountant,
-        )
+        try:
+            self.ledger.ensure_budget(
+                self.site_id,
+                budget=self.config.target_epsilon,
+                delta=self.config.target_delta,
+                planned_run=(dp, sample_rate, steps),
+                accountant=self.config.accountant,
+            )
+        except PrivacyBudgetExceededError as error:
+            # The server sees only this text: say who refused, and why.
+            raise PrivacyBudgetExceededError(
+                f"{self.site_id}: refused the round: {error}"
+            ) from error
 
         generator = _secure_generator()
         head = self._load_head(samples.identities, generator)

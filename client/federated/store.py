@@ -31,6 +31,12 @@ CHIP_SIZE = 150
 STATE_DIR = ".facefed"
 HELDOUT_DIR = "_heldout"
 PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+PAIRS_FILE = "pairs.csv"
+# A margin head separates classes: with one identity its loss is constant
+# and a round would only add DP noise to the shared layers.
+MIN_TRAINING_IDENTITIES = 2
+# Held-out accuracy is judged by folds that each need both kinds of pair.
+MIN_PAIRS_OF_EACH_KIND = 2
 
 ChipFn = Callable[[Path], np.ndarray | None]
 
@@ -118,9 +124,7 @@ class SiteDataStore:
 
     def erased(self) -> frozenset[str]:
         """Subject refs erased at this site; their samples are never trained on."""
-        if not self._erased_path.exists():
-            return frozenset()
-        return frozenset(json.loads(self._erased_path.read_text())["erased"])
+        return _erased_of(self.root)
 
     def forget(self, subject_ref: str) -> int:
         """Drop an erased subject's samples from every later training round.
@@ -159,13 +163,7 @@ class SiteDataStore:
         return removed
 
     def _subject_refs(self) -> dict[str, str]:
-        path = self.root / "subject_refs.csv"
-        if not path.exists():
-            return {}
-        with open(path, newline="") as handle:
-            return {
-                row["identity"]: row["subject_ref"] for row in csv.DictReader(handle)
-            }
+        return _subject_refs_of(self.root)
 
     def _is_erased(
         self, identity: str, erased: frozenset[str], refs: dict[str, str]
@@ -262,10 +260,13 @@ class SiteDataStore:
             chips.extend(usable)
             labels.extend([len(identities)] * len(usable))
             identities.append(identity)
-        if not identities:
+        if len(identities) < MIN_TRAINING_IDENTITIES:
             raise FacefedError(
-                f"Site {self.root} has no identity with at least "
-                f"{self.min_photos_per_identity} usable face chips; run prepare first."
+                f"Site {self.root} has {len(identities)} training identities with at "
+                f"least {self.min_photos_per_identity} usable face chips, "
+                f"{MIN_TRAINING_IDENTITIES} are needed. Chips are computed "
+                "automatically when a round starts, and a photo where no face is "
+                "found does not count: add photos with a clear, frontal face."
             )
         return SiteSamples(
             np.stack(chips), np.asarray(labels, np.int64), tuple(identities)
@@ -277,9 +278,9 @@ class SiteDataStore:
         Raises:
             FacefedError: The site has no held-out pairs.
         """
-        pairs_file = self.root / HELDOUT_DIR / "pairs.csv"
+        pairs_file = self.root / HELDOUT_DIR / PAIRS_FILE
         if not pairs_file.exists():
-            raise FacefedError(f"Site {self.root} has no {HELDOUT_DIR}/pairs.csv.")
+            raise FacefedError(f"Site {self.root} has no {HELDOUT_DIR}/{PAIRS_FILE}.")
         cache = self._load_cache()
         first, second, same = [], [], []
         with open(pairs_file, newline="") as handle:
@@ -357,6 +358,98 @@ class SiteDataStore:
             self._key(p) for ps in self.training_photos().values() for p in ps
         )
         return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def site_folder_problems(
+    root: Path | str, *, min_photos_per_identity: int = 2
+) -> list[str]:
+    """What keeps a site folder from taking part in a run, checked on disk alone.
+
+    The check reads the folder as `SiteDataStore` and the site runtime will
+    (training identities, the erasure list, ``_heldout/pairs.csv``) but
+    writes nothing and detects no face, so it runs before a run starts.
+    A photo where no face is found can still make a site fail its first
+    round.
+
+    Args:
+        root: The site folder.
+        min_photos_per_identity: Photos an identity needs to be trained on.
+
+    Returns:
+        One sentence per problem; empty when the folder looks usable.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return [f"The site folder {root} does not exist."]
+    problems = []
+    identities = _trainable_identities(root, min_photos_per_identity)
+    if identities < MIN_TRAINING_IDENTITIES:
+        problems.append(
+            f"Site {root} has {identities} training identities with at least "
+            f"{min_photos_per_identity} photos, {MIN_TRAINING_IDENTITIES} are "
+            "needed (<site>/<identity>/<photo>.jpg)."
+        )
+    pairs_problem = _heldout_pairs_problem(root)
+    if pairs_problem:
+        problems.append(pairs_problem)
+    return problems
+
+
+def _trainable_identities(root: Path, min_photos: int) -> int:
+    erased, refs = _erased_of(root), _subject_refs_of(root)
+    return sum(
+        1
+        for folder in root.iterdir()
+        if folder.is_dir()
+        and not folder.name.startswith(("_", "."))
+        and folder.name not in erased
+        and refs.get(folder.name) not in erased
+        and len(_photos_in(folder)) >= min_photos
+    )
+
+
+def _erased_of(root: Path) -> frozenset[str]:
+    path = root / STATE_DIR / "erased.json"
+    if not path.exists():
+        return frozenset()
+    return frozenset(json.loads(path.read_text())["erased"])
+
+
+def _subject_refs_of(root: Path) -> dict[str, str]:
+    path = root / "subject_refs.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as handle:
+        return {row["identity"]: row["subject_ref"] for row in csv.DictReader(handle)}
+
+
+def _heldout_pairs_problem(root: Path) -> str | None:
+    heldout = root / HELDOUT_DIR
+    pairs_file = heldout / PAIRS_FILE
+    if not pairs_file.is_file():
+        return (
+            f"Site {root} has no {HELDOUT_DIR}/{PAIRS_FILE} (held-out pairs: "
+            f"columns path1,path2,same, paths relative to {HELDOUT_DIR}/)."
+        )
+    counts = {0: 0, 1: 0}
+    try:
+        with open(pairs_file, newline="") as handle:
+            for row in csv.DictReader(handle):
+                first, second = heldout / row["path1"], heldout / row["path2"]
+                if first.is_file() and second.is_file():
+                    counts[int(row["same"]) != 0] += 1
+    except (KeyError, TypeError, ValueError, csv.Error, UnicodeDecodeError):
+        return (
+            f"Site {root}: {HELDOUT_DIR}/{PAIRS_FILE} cannot be read; it needs the "
+            "columns path1,path2,same (same: 1 or 0)."
+        )
+    if min(counts.values()) < MIN_PAIRS_OF_EACH_KIND:
+        return (
+            f"Site {root} has {counts[1]} genuine and {counts[0]} impostor "
+            f"held-out pairs whose photos exist under {HELDOUT_DIR}/, at least "
+            f"{MIN_PAIRS_OF_EACH_KIND} of each are needed."
+        )
+    return None
 
 
 def _photos_in(folder: Path) -> list[Path]:

@@ -62,11 +62,9 @@ def run_training(grid: Grid, config: TrainingConfig) -> Path:
     )
 
     if not strategy.site_train:
-        run_log.event("run-failed", error="no round could be aggregated")
-        raise FacefedError(
-            "No training round could be aggregated: too few sites replied in every "
-            f"round; see {run_log.messages_path} for their errors."
-        )
+        error = _no_round_error(run_log)
+        run_log.event("run-failed", error=error)
+        raise FacefedError(error)
     split.load_shared_state(final_arrays.to_torch_state_dict())
     model_dir = publish_run(
         network,
@@ -80,6 +78,19 @@ def run_training(grid: Grid, config: TrainingConfig) -> Path:
     )
     logger.info("Training run finished; model published in %s", model_dir)
     return model_dir
+
+
+def _no_round_error(run_log: RunLog) -> str:
+    reasons = run_log.site_errors()
+    why = (
+        " The sites said: " + "; ".join(reasons)
+        if reasons
+        else " No site reported an error (too few sites connected?)."
+    )
+    return (
+        "No training round could be aggregated: too few sites replied in every "
+        f"round.{why} (All replies: {run_log.messages_path}.)"
+    )
 
 
 def _run_rounds(

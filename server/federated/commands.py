@@ -1,16 +1,27 @@
 """Commands this part adds to `facefed`: train, runs, and `eval federated`."""
 
 import json
+import subprocess
 import time
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
 
 from facefed.core.errors import ConfigurationError
 
+if TYPE_CHECKING:
+    from facefed.client.federated.config import TrainingConfig
+    from facefed.server.federated.runner import RunProgress
+
 runs_app = typer.Typer(help="Follow, cancel and promote federated training runs.")
+
+# `facefed train` exits with 1 when its run failed and with this code when
+# the run was cancelled (`facefed runs cancel`, the admin API, or Ctrl-C).
+CANCELLED_EXIT_CODE = 13
+DEPLOYMENT_SETTLE_S = 120.0
 
 
 def register(app: typer.Typer, eval_app: typer.Typer) -> None:
@@ -82,10 +93,21 @@ def train(
             help="Run on a deployed SuperLink named in $FLWR_HOME/config.toml."
         ),
     ] = None,
-    detach: Annotated[bool, typer.Option(help="Start the run and return.")] = False,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            help="Start the run in the background and return at once "
+            "(follow it with `facefed runs show RUN`)."
+        ),
+    ] = False,
 ) -> None:
-    """Fine-tune the embedding model across sites with DP-SGD (Flower)."""
+    """Fine-tune the embedding model across sites with DP-SGD (Flower).
+
+    Exit codes: 0 finished, 1 failed, 2 refused before starting (bad options
+    or site folders), 13 cancelled.
+    """
     from facefed.client.federated.config import TrainingConfig
+    from facefed.server.federated.runner import check_site_folders
     from facefed.server.federated.runs import new_run_id, runs_dir
 
     values = _config_file(config)
@@ -110,27 +132,32 @@ def train(
             raise ConfigurationError(
                 f"--sites {sites} but {len(site_dirs)} site folders were given."
             )
-        for folder in site_dirs:
-            if not Path(folder).is_dir():
-                raise ConfigurationError(f"The site folder {folder} does not exist.")
+        check_site_folders(site_dirs)
         values["site-dirs"] = ",".join(str(Path(p).resolve()) for p in site_dirs)
         values.setdefault("min-sites", len(site_dirs))
     training = TrainingConfig.from_flower(values)
 
     typer.echo(f"run {run_id}")
-    if federation is None:
-        from facefed.server.federated.runner import start_simulation
-
-        start_simulation(training, num_sites=len(site_dirs))
-    else:
-        from facefed.server.federated.runner import start_deployment
-
-        process = start_deployment(
-            training, superlink=federation, app_dir=_project_root()
+    process = _start(training, federation=federation, num_sites=len(site_dirs))
+    if detach:
+        typer.echo(
+            f"started in the background; follow it with: facefed runs show {run_id} "
+            f"(stop it with: facefed runs cancel {run_id})"
         )
-        (Path(training.run_dir) / "pid").write_text(str(process.pid))
-    if not detach:
-        _follow(run_id)
+        return
+    _follow(run_id, process, federation=federation)
+
+
+def _start(
+    training: "TrainingConfig", *, federation: str | None, num_sites: int
+) -> subprocess.Popen[bytes]:
+    from facefed.server.federated.runner import launch_simulation, start_deployment
+
+    if federation is None:
+        return launch_simulation(training, num_sites=num_sites)
+    process = start_deployment(training, superlink=federation, app_dir=_project_root())
+    (Path(training.run_dir) / "pid").write_text(str(process.pid))
+    return process
 
 
 def _project_root() -> Path:
@@ -143,27 +170,55 @@ def _project_root() -> Path:
     return root
 
 
-def _follow(run_id: str) -> None:
-    from rich.console import Console
-
-    from facefed.server.federated.runs import run_info
+def _follow(
+    run_id: str, process: subprocess.Popen[bytes], *, federation: str | None
+) -> None:
+    from facefed.server.federated.runner import TRAINING_LOG
+    from facefed.server.federated.runs import cancel_run, run_dir_of, run_info
 
     console = Console(stderr=True)
+    console.print(f"Flower's and Ray's output: {run_dir_of(run_id) / TRAINING_LOG}")
+    # `flwr run` may return while the deployed ServerApp still publishes.
+    settle_s = 0.0 if federation is None else DEPLOYMENT_SETTLE_S
+    try:
+        progress = _watch(run_id, process, console, settle_s=settle_s)
+    except KeyboardInterrupt:
+        # The run has its own session, so Ctrl-C reaches only this command.
+        cancel_run(run_id, reason="interrupted (Ctrl-C) in facefed train")
+        progress = run_info(run_id).progress
+    _print_run(run_id)
+    if progress.status == "cancelled":
+        console.print(f"run {run_id} was cancelled: {progress.error}")
+        raise typer.Exit(CANCELLED_EXIT_CODE)
+    if progress.status != "finished":
+        console.print(f"run {run_id} failed: {progress.error}")
+        raise typer.Exit(1)
+
+
+def _watch(
+    run_id: str, process: subprocess.Popen[bytes], console: Console, *, settle_s: float
+) -> "RunProgress":
+    from facefed.server.federated.runner import read_progress
+    from facefed.server.federated.runs import run_dir_of, run_info
+
     last = -1
+    exited_at: float | None = None
     with console.status("training...") as status:
         while True:
-            info = run_info(run_id)
-            progress = info.progress
+            # Reaping the child lets the run's state see that it has gone.
+            if exited_at is None and process.poll() is not None:
+                exited_at = time.monotonic()
+            progress = run_info(run_id).progress
             if progress.round != last:
                 last = progress.round
                 epsilon = ", ".join(f"{s} {e:.2f}" for s, e in progress.epsilon.items())
                 status.update(f"round {last} done; epsilon {epsilon or '-'}")
             if progress.status != "running":
-                break
+                logged = read_progress(run_dir_of(run_id)).status != "running"
+                settled = exited_at is None or time.monotonic() - exited_at >= settle_s
+                if logged or settled:
+                    return progress
             time.sleep(1.0)
-    _print_run(info.run_id)
-    if progress.status != "finished":
-        raise typer.Exit(1)
 
 
 def _print_run(run_id: str) -> None:

@@ -90,6 +90,7 @@ def run_info(run_id: str) -> RunInfo:
 def _status(folder: Path) -> RunProgress:
     progress = read_progress(folder)
     if progress.status == "running" and not _alive(folder):
+        # Runs cancelled before cancels were logged left only this marker.
         cancelled = (folder / "cancelled").exists()
         status = "cancelled" if cancelled else "failed"
         return RunProgress(
@@ -108,24 +109,55 @@ def _alive(folder: Path) -> bool:
     if not pid_file.exists():
         return False
     try:
-        os.kill(int(pid_file.read_text()), 0)
-    except (OSError, ValueError):
+        return _process_alive(int(pid_file.read_text()))
+    except ValueError:
         return False
-    return True
 
 
-def cancel_run(run_id: str) -> None:
-    """Stop a running run's process (the one facefed started for it).
+def _process_alive(pid: int) -> bool:
+    # A child that exited but was not yet reaped by its parent (the API
+    # server, a foreground `facefed train`) still answers signal 0: it is a
+    # zombie, and a zombie runs nothing.
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except ProcessLookupError:
+        return False
+    except OSError:
+        # Not ours to signal, or no /proc: it exists, and may well run.
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
+
+
+def cancel_run(run_id: str, *, reason: str = "cancelled on request") -> None:
+    """Stop a running run and every process it started, and record why.
+
+    The run is marked cancelled (a ``run-cancelled`` event in its progress
+    log) before its processes are stopped, so every view says "cancelled"
+    at once and whatever the dying processes write afterwards is ignored.
+    The simulation child, Ray's processes and ``flwr run`` get SIGTERM, and
+    SIGKILL when they are still there after a few seconds.
+
+    FIXME: a deployment run's process is the local ``flwr run``; stopping it
+    does not stop the run at the SuperLink, which goes on (and spends the
+    sites' budget) until ``flwr stop`` is given its Flower run id.
+
+    Args:
+        run_id: The run.
+        reason: Why, recorded as the run's error.
 
     Raises:
         NotFoundError: No such run.
         ConflictError: The run is not running.
     """
     folder = run_dir_of(run_id)
-    if read_progress(folder).status != "running" or not _alive(folder):
+    if _status(folder).status != "running":
         raise ConflictError(f"Training run {run_id} is not running.")
     (folder / "cancelled").write_text(str(time.time()))
-    _cancel_tree(int((folder / "pid").read_text()))
+    with open(folder / "progress.jsonl", "a") as handle:
+        entry = {"time": time.time(), "event": "run-cancelled", "error": reason}
+        handle.write(json.dumps(entry) + "\n")
+    _stop_tree(int((folder / "pid").read_text()))
     logger.info("Cancelled training run %s", run_id)
 
 
@@ -192,14 +224,45 @@ def register_version(model_id: str) -> Path:
     return registered.onnx_path
 
 
-def _cancel_tree(pid: int) -> None:
+def _stop_tree(pid: int, *, grace_s: float = 5.0) -> None:
+    # The simulation child starts Ray's processes, which may start more while
+    # it dies: look for descendants again on every pass, and remember them,
+    # since a process whose parent died is no longer found under the run.
+    family: set[int] = {pid}
+    own_group = _leads_own_group(pid)
+    for stop, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        family = _living_family(pid, family)
+        if own_group:
+            # Also reaches what Ray started and left without a parent.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, stop)
+        for member in family:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(member, stop)
+        deadline = time.monotonic() + wait_s
+        while family and time.monotonic() < deadline:
+            time.sleep(0.1)
+            family = _living_family(pid, family)
+        if not family:
+            return
+        logger.warning(
+            "%d processes of a cancelled run outlived %s", len(family), stop.name
+        )
+
+
+def _living_family(pid: int, known: set[int]) -> set[int]:
     from facefed.server.federated.deployment import _descendants
 
-    # The simulation child starts Ray's processes; stop them with it.
-    family = [pid, *_descendants(pid)]
-    for member in family:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(member, signal.SIGTERM)
+    if _process_alive(pid):
+        known = known | set(_descendants(pid))
+    return {member for member in known if _process_alive(member)}
+
+
+def _leads_own_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except OSError:
+        return False
 
 
 def _promotions_path() -> Path:

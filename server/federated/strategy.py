@@ -20,6 +20,7 @@ federation needs on top:
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,9 +31,48 @@ from flwr.serverapp.strategy import FedAvg
 
 logger = logging.getLogger(__name__)
 
+ERROR_LIMIT = 500
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Flower wraps what a ClientApp raised as "...occurred. Message: <str(error)>",
+# at the end of a Ray traceback on the simulation engine.
+_CLIENT_APP_MESSAGE = "occurred. Message: "
+_QUALIFIED_ERROR = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception)\w*: ")
+
+
+def error_summary(reason: str) -> str:
+    """The readable part of a site's error reply: the exception's own message.
+
+    Flower's error reason is ``<class '...'>:<'...'>`` around a traceback
+    (a Ray traceback on the simulation engine) whose *last* line holds what
+    the site raised; the head of the traceback says nothing useful.
+
+    Args:
+        reason: The error reason of a reply, as Flower sent it.
+
+    Returns:
+        The message, without colour codes, at most `ERROR_LIMIT` characters
+        (the end kept when cut).
+    """
+    text = _ANSI_ESCAPE.sub("", reason).strip()
+    if text.startswith("<class '") and text.endswith("'>"):
+        text = text[: -len("'>")]
+    if _CLIENT_APP_MESSAGE in text:
+        text = text.rsplit(_CLIENT_APP_MESSAGE, 1)[1]
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines else ""
+        text = text.split(">:<'", 1)[-1]
+    text = _QUALIFIED_ERROR.sub("", text.strip())
+    if len(text) > ERROR_LIMIT:
+        text = "..." + text[-(ERROR_LIMIT - 3) :]
+    return text or "no reason given"
+
 
 class RunLog:
     """Append-only JSON-lines logs of a run: progress events and received messages.
+
+    It also remembers each site's latest error, so that a failed run can say
+    why each site did not take part (`site_errors`).
 
     Args:
         run_dir: The run's folder; `progress.jsonl` and `messages.jsonl` go there.
@@ -43,6 +83,8 @@ class RunLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.progress_path = run_dir / "progress.jsonl"
         self.messages_path = run_dir / "messages.jsonl"
+        self._site_names: dict[int, str] = {}
+        self._errors: dict[int, str] = {}
 
     def event(self, kind: str, **fields: object) -> None:
         """Append a progress event."""
@@ -55,11 +97,28 @@ class RunLog:
             "phase": phase,
             "node": int(message.metadata.src_node_id),
         }
+        node = int(message.metadata.src_node_id)
         if message.has_error():
-            entry["error"] = str(message.error.reason)[:500]
+            entry["error"] = error_summary(str(message.error.reason))
+            self._errors[node] = str(entry["error"])
         else:
             entry["records"] = describe_content(message.content)
+            if "site" in message.content:
+                site = message.content["site"]
+                if isinstance(site, ConfigRecord) and "site" in site:
+                    self._site_names[node] = str(site["site"])
         _append(self.messages_path, entry)
+
+    def site_errors(self) -> list[str]:
+        """Each failing site's latest error, named by the site when it is known.
+
+        A site that never replied without an error is named by its node id.
+        """
+        lines = []
+        for node, error in self._errors.items():
+            name = self._site_names.get(node, f"node {node}")
+            lines.append(error if error.startswith(f"{name}:") else f"{name}: {error}")
+        return lines
 
 
 def describe_content(content: RecordDict) -> dict[str, dict[str, object]]:

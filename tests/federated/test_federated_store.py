@@ -74,9 +74,13 @@ def test_missing_site_folder_is_a_clear_error(tmp_path):
         SiteDataStore(tmp_path / "nope")
 
 
-def test_training_without_prepared_chips_says_so(tmp_path, test_data):
+def test_training_without_usable_chips_says_what_to_do(tmp_path, test_data):
     import shutil
 
     shutil.copytree(test_data / "lfw" / "Ann_Veneman", tmp_path / "Ann_Veneman")
-    with pytest.raises(FacefedError, match="run prepare first"):
+    with pytest.raises(FacefedError) as refused:
         SiteDataStore(tmp_path).training_samples()
+    message = str(refused.value)
+    assert "0 training identities with at least 2 usable face chips" in message
+    assert "computed automatically when a round starts" in message
+    assert "prepare" not in message
