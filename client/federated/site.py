@@ -131,9 +131,11 @@ class SiteRuntime:
                 accountant=self.config.accountant,
             )
         except PrivacyBudgetExceededError as error:
-            # The server sees only this text: say who refused, and why.
+            # The server sees only this text: say who refused, and why (the
+            # ledger's sentence starts with the site's name, said here first).
+            why = str(error).replace(f"Site {self.site_id!r} ", "it ", 1)
             raise PrivacyBudgetExceededError(
-                f"{self.site_id}: refused the round: {error}"
+                f"{self.site_id}: refused the round: {why}"
             ) from error
 
         generator = _secure_generator()

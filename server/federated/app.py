@@ -81,15 +81,15 @@ def run_training(grid: Grid, config: TrainingConfig) -> Path:
 
 
 def _no_round_error(run_log: RunLog) -> str:
-    reasons = run_log.site_errors()
+    reasons = sorted(run_log.site_errors())
     why = (
-        " The sites said: " + "; ".join(reasons)
+        "".join(f"\n- {reason}" for reason in reasons)
         if reasons
         else " No site reported an error (too few sites connected?)."
     )
     return (
         "No training round could be aggregated: too few sites replied in every "
-        f"round.{why} (All replies: {run_log.messages_path}.)"
+        f"round.{why}\nAll replies: {run_log.messages_path}"
     )
 
 

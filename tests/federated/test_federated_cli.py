@@ -32,8 +32,7 @@ RAY_REASON = (
     * 20
     + "flwr.clientapp.client_app.ClientAppException: \n"
     "Exception ClientAppException occurred. Message: site-a: refused the round: "
-    "Site 'site-a' would reach epsilon 12.174 at delta 1e-05, over its budget of 8."
-    "'>"
+    "it would reach epsilon 12.174 at delta 1e-05, over its budget of 8.'>"
 )
 
 
@@ -127,8 +126,8 @@ def test_train_refuses_unusable_sites_before_anything_starts(sites, tmp_path):
 
 def test_error_summary_keeps_the_sites_own_message():
     assert error_summary(RAY_REASON) == (
-        "site-a: refused the round: Site 'site-a' would reach epsilon 12.174 at "
-        "delta 1e-05, over its budget of 8."
+        "site-a: refused the round: it would reach epsilon 12.174 at delta 1e-05, "
+        "over its budget of 8."
     )
     # The deployment engine's format, and a plain traceback's last line.
     deployed = (
@@ -175,10 +174,11 @@ def test_failed_run_error_names_each_sites_reason(tmp_path):
     assert logged[0]["error"].endswith("over its budget of 8.")
 
     error = _no_round_error(run_log)
-    assert (
-        "The sites said: site-a: refused the round: Site 'site-a' would reach "
-        "epsilon 12.174 at delta 1e-05, over its budget of 8.; node 22: disk full"
-    ) in error
+    assert error.splitlines()[1:3] == [
+        "- node 22: disk full",
+        "- site-a: refused the round: it would reach epsilon 12.174 at delta "
+        "1e-05, over its budget of 8.",
+    ]
     assert "\x1b" not in error and "Traceback" not in error
 
 
@@ -197,8 +197,7 @@ def test_site_refusing_the_round_says_who_and_why(sites):
     with pytest.raises(PrivacyBudgetExceededError) as refused:
         runtime.train_round(shared, run_id="now", server_round=1)
     assert str(refused.value).startswith(
-        f"{sites[0].name}: refused the round: Site '{sites[0].name}' would reach "
-        "epsilon "
+        f"{sites[0].name}: refused the round: it would reach epsilon "
     )
     assert str(refused.value).endswith("over its budget of 1.")
 
