@@ -300,3 +300,29 @@ def _describe(pid: int) -> str:
         return f"{pid} {(proc / 'stat').read_text()[:60]} {command[:200]}"
     except OSError:
         return f"{pid} (gone)"
+
+
+@pytest.mark.slow
+def test_cancel_through_the_api_answers_cancelled(admin_client, sites):
+    started = admin_client.post(
+        "/v1/training/runs",
+        json={"sites": [str(s) for s in sites], "rounds": 30},
+    )
+    assert started.status_code == 201, started.text
+    run_id = started.json()["id"]
+    pid = int((runs_dir() / run_id / "pid").read_text())
+
+    answer = admin_client.post(f"/v1/training/runs/{run_id}/cancel")
+
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["status"], answer.json()["error"]) == (
+        "cancelled",
+        "cancelled on request",
+    )
+    assert not _alive(pid)
+    # The server's child died of SIGTERM; the run still reads as cancelled.
+    time.sleep(1)
+    shown = admin_client.get(f"/v1/training/runs/{run_id}").json()
+    assert (shown["status"], shown["error"]) == ("cancelled", "cancelled on request")
+    again = admin_client.post(f"/v1/training/runs/{run_id}/cancel")
+    assert again.status_code == 409
