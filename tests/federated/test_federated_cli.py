@@ -232,7 +232,7 @@ def test_detached_run_returns_at_once_and_a_cancel_stops_it(sites):
     assert done.returncode == 0, done.stderr
     run_id = _run_id(done.stdout)
     assert f"facefed runs show {run_id}" in done.stdout
-    # Thirty rounds take minutes; the command came back while the run goes on.
+    # Thirty rounds take far longer than a start: the run goes on without it.
     pid = int((runs_dir() / run_id / "pid").read_text())
     assert _alive(pid), (runs_dir() / run_id / "training.log").read_text()
     assert run_info(run_id).progress.status == "running"
