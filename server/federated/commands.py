@@ -132,10 +132,12 @@ def train(
             raise ConfigurationError(
                 f"--sites {sites} but {len(site_dirs)} site folders were given."
             )
-        check_site_folders(site_dirs)
         values["site-dirs"] = ",".join(str(Path(p).resolve()) for p in site_dirs)
         values.setdefault("min-sites", len(site_dirs))
     training = TrainingConfig.from_flower(values)
+    if federation is None:
+        # After the settings, so that a bad option is named whatever the folders.
+        check_site_folders(site_dirs)
 
     typer.echo(f"run {run_id}")
     process = _start(training, federation=federation, num_sites=len(site_dirs))
