@@ -21,7 +21,7 @@ from facefed.client.federated.config import (
     SecureAggregation,
     TrainingConfig,
 )
-from facefed.core.errors import ConfigurationError, NotFoundError
+from facefed.core.errors import NotFoundError
 from facefed.server.api.deps import Admin, Service
 from facefed.server.db import ModelVersion as ModelVersionRow
 from facefed.server.db import TrainingRun, session_scope, utcnow
@@ -216,17 +216,17 @@ def start_run(
 ) -> TrainingRunPublic:
     """Start a federated training run on the simulation engine.
 
-    Nothing starts, and no run is recorded, when a site folder is missing or
-    the settings cannot go together (400 with the CLI's message).
+    Nothing starts, and no run is recorded, when the settings cannot go
+    together or a site folder could not train or evaluate (400 with the CLI's
+    message).
     """
-    from facefed.server.federated.runner import start_simulation
+    from facefed.server.federated.runner import check_site_folders, start_simulation
     from facefed.server.federated.runs import new_run_id, runs_dir
 
-    for folder in body.sites:
-        if not Path(folder).is_dir():
-            raise ConfigurationError(f"The site folder {folder} does not exist.")
     run_id = new_run_id()
     config = body.training_config(runs_dir() / run_id)
+    # Before the run's row exists: a refused run leaves nothing behind.
+    check_site_folders(body.sites)
     now = utcnow()
     with session_scope(service.sessions) as session:
         session.add(

@@ -33,6 +33,8 @@ def register(app: typer.Typer, eval_app: typer.Typer) -> None:
 
 
 def _config_file(path: Path | None) -> dict[str, Any]:
+    from facefed.client.federated.config import training_table
+
     if path is None:
         return {}
     try:
@@ -41,10 +43,7 @@ def _config_file(path: Path | None) -> dict[str, Any]:
         raise ConfigurationError(
             f"Cannot read the config file {path}: {error}"
         ) from error
-    section = document.get("training", document)
-    if not isinstance(section, dict):
-        raise ConfigurationError(f"{path} has no [training] table.")
-    return section
+    return training_table(document, str(path))
 
 
 def train(
@@ -134,7 +133,7 @@ def train(
             )
         values["site-dirs"] = ",".join(str(Path(p).resolve()) for p in site_dirs)
         values.setdefault("min-sites", len(site_dirs))
-    training = TrainingConfig.from_flower(values)
+    training = TrainingConfig.from_flower(values, kebab_case_errors=True)
     if federation is None:
         # After the settings, so that a bad option is named whatever the folders.
         check_site_folders(site_dirs)

@@ -139,3 +139,36 @@ def deployment_run(tmp_path):
         return read_progress(run_dir)
 
     return run
+
+
+@pytest.fixture
+def faceless_site():
+    """Build a site folder laid out correctly whose photos hold no face.
+
+    It passes the up-front folder check, so a run starts with it, and then
+    fails every round at that site (no chip can be made): a site that drops
+    out for real.
+    """
+    import cv2
+    import numpy as np
+
+    def build(root: Path) -> Path:
+        gray = np.full((120, 120, 3), 128, np.uint8)
+        for identity in ("person-a", "person-b"):
+            for folder in (root / identity, root / HELDOUT_DIR / identity):
+                folder.mkdir(parents=True)
+                for index in (1, 2):
+                    cv2.imwrite(str(folder / f"{index}.jpg"), gray)
+        rows = [
+            ["person-a/1.jpg", "person-a/2.jpg", 1],
+            ["person-b/1.jpg", "person-b/2.jpg", 1],
+            ["person-a/1.jpg", "person-b/1.jpg", 0],
+            ["person-a/2.jpg", "person-b/2.jpg", 0],
+        ]
+        with open(root / HELDOUT_DIR / "pairs.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path1", "path2", "same"])
+            writer.writerows(rows)
+        return root
+
+    return build

@@ -9,12 +9,18 @@ import pytest
 
 
 def test_bad_site_folder_is_refused_and_nothing_starts(admin_client, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
     answer = admin_client.post(
-        "/v1/training/runs", json={"sites": [str(tmp_path / "missing")], "rounds": 1}
+        "/v1/training/runs",
+        json={"sites": [str(tmp_path / "missing"), str(empty)], "rounds": 1},
     )
     assert answer.status_code == 400, answer.text
     assert "does not exist" in answer.text
+    assert "0 training identities" in answer.text
+    assert "pairs.csv" in answer.text
     assert admin_client.get("/v1/training/runs").json() == []
+    assert _run_folders() == []
 
 
 def _site_folders(tmp_path, count: int) -> list[str]:
@@ -74,9 +80,11 @@ def _process_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def test_an_accepted_secaggplus_request_starts_a_secaggplus_run(admin_client, tmp_path):
+def test_an_accepted_secaggplus_request_starts_a_secaggplus_run(
+    admin_client, tmp_path, faceless_site
+):
     body = {
-        "sites": _site_folders(tmp_path, 3),
+        "sites": [str(faceless_site(tmp_path / f"site-{i}")) for i in range(3)],
         "rounds": 2,
         "secure_aggregation": "secaggplus",
         "secagg_threshold": 2,

@@ -84,17 +84,16 @@ def _assert_model_changed_and_epsilon(
 
 @pytest.mark.slow
 def test_simulation_run_through_the_api_with_a_failing_site(
-    admin_client, sites, tmp_path
+    admin_client, sites, tmp_path, faceless_site
 ):
     """Two rounds on the simulation engine, started and followed through the API.
 
-    A third site with no usable photo fails every round: the rounds are
+    A third site whose photos hold no face fails every round: the rounds are
     aggregated from the two others (3 sampled, 2 replies >= min-fit-fraction).
     """
     from facefed.server.federated.runs import runs_dir
 
-    failing = tmp_path / "site-that-fails"
-    failing.mkdir()
+    failing = faceless_site(tmp_path / "site-that-fails")
     started = admin_client.post(
         "/v1/training/runs",
         json={

@@ -307,5 +307,5 @@ def test_train_refuses_secaggplus_with_central_dp_and_starts_nothing(tmp_path):
         check=False,
     )
     assert done.returncode == 2
-    assert "cannot be combined with central_dp" in " ".join(done.stderr.split())
+    assert "cannot be combined with central-dp" in " ".join(done.stderr.split())
     assert not runs_dir().exists() or not any(runs_dir().iterdir())
