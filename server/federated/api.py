@@ -7,7 +7,7 @@ version into ``model_versions``), so the database always shows what the
 child last wrote.
 """
 
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -148,7 +148,9 @@ def _sync(service: Service, run_id: str) -> TrainingRunPublic:
     with session_scope(service.sessions) as session:
         row = session.get(TrainingRun, run_id)
         if row is None:
-            raise NotFoundError(f"No training run {run_id!r}.")
+            # Started from the CLI (`facefed train`): its folder is the record.
+            row = _adopted_run(run_id)
+            session.add(row)
         if row.status == "running":
             row.status = progress.status
             row.current_round = progress.round
@@ -163,6 +165,47 @@ def _sync(service: Service, run_id: str) -> TrainingRunPublic:
                     session, Path(progress.model_dir)
                 )
         return _public(row)
+
+
+def _adopted_run(run_id: str) -> TrainingRun:
+    """A `training_runs` row for a run folder the API did not create."""
+    import json
+
+    from facefed.server.federated.runner import RUN_CONFIG_FILE
+    from facefed.server.federated.runs import run_dir_of
+
+    folder = run_dir_of(run_id)
+    config_file = folder / RUN_CONFIG_FILE
+    # Runs launched before the config file existed name it only on start.
+    config = (
+        json.loads(config_file.read_text())
+        if config_file.exists()
+        else _started_config(folder)
+    )
+    created = datetime.fromtimestamp(folder.stat().st_mtime, UTC)
+    return TrainingRun(
+        id=run_id,
+        status="running",
+        config=config,
+        rounds=int(config.get("num-rounds", 0)),
+        current_round=0,
+        metrics={},
+        epsilon={},
+        created_at=created,
+        updated_at=utcnow(),
+    )
+
+
+def _started_config(folder: Path) -> dict[str, Any]:
+    import json
+
+    progress = folder / "progress.jsonl"
+    lines = progress.read_text().splitlines() if progress.exists() else []
+    for line in lines:
+        event = json.loads(line)
+        if event.get("event") == "run-started":
+            return dict(event.get("config", {}))
+    return {}
 
 
 def _record_version(session: Any, model_dir: Path) -> str:
@@ -248,14 +291,18 @@ def start_run(
 
 @router.get("/training/runs", response_model=list[TrainingRunPublic])
 def list_runs(service: Service, caller: Admin) -> list[TrainingRunPublic]:
-    """Every training run, newest first, with its latest progress."""
+    """Every training run, newest first, with its latest progress.
+
+    Runs started from the CLI are listed too (recorded on this read).
+    """
     from sqlalchemy import select
 
+    from facefed.server.federated.runs import list_runs as run_folders
+
     with session_scope(service.sessions) as session:
-        ids = list(
-            session.scalars(select(TrainingRun.id).order_by(TrainingRun.id.desc()))
-        )
-    return [_sync(service, run_id) for run_id in ids]
+        recorded = set(session.scalars(select(TrainingRun.id)))
+    ids = recorded | {info.run_id for info in run_folders()}
+    return [_sync(service, run_id) for run_id in sorted(ids, reverse=True)]
 
 
 @router.get("/training/runs/{run_id}", response_model=TrainingRunPublic)

@@ -127,6 +127,44 @@ def _wait_until_gone(pid: int, timeout_s: float = 60.0) -> None:
     assert not _process_alive(pid)
 
 
+def test_a_run_started_from_the_cli_is_followed_and_cancelled_through_the_api(
+    admin_client, tmp_path
+):
+    """The API adopts a run folder it did not create (as `facefed train` writes it)."""
+    import subprocess
+    import sys
+
+    from facefed.client.federated.config import TrainingConfig
+    from facefed.server.federated.runner import RUN_CONFIG_FILE
+    from facefed.server.federated.runs import new_run_id, runs_dir
+
+    run_id = new_run_id()
+    folder = runs_dir() / run_id
+    folder.mkdir(parents=True)
+    config = TrainingConfig(num_rounds=3, site_dirs=("a", "b"), run_dir=str(folder))
+    (folder / RUN_CONFIG_FILE).write_text(json.dumps(config.to_flower()))
+    # A stand-in for the run's process: alive until cancelled.
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    (folder / "pid").write_text(str(process.pid))
+    try:
+        listed = admin_client.get("/v1/training/runs").json()
+        assert [run["id"] for run in listed] == [run_id]
+        assert listed[0]["status"] == "running"
+        assert listed[0]["rounds"] == 3
+        assert listed[0]["config"]["site-dirs"] == "a,b"
+
+        cancelled = admin_client.post(f"/v1/training/runs/{run_id}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["status"] == "cancelled"
+        assert process.wait(timeout=30) != 0
+        again = admin_client.get(f"/v1/training/runs/{run_id}").json()
+        assert again["status"] == "cancelled"
+    finally:
+        process.kill()
+        process.wait()
+    assert admin_client.get("/v1/training/runs/no-such-run").status_code == 404
+
+
 def test_training_api_is_admin_only(admin_client):
     answer = admin_client.get(
         "/v1/training/runs", headers={"Authorization": "Bearer not-a-key"}
