@@ -109,12 +109,13 @@ def _alive(folder: Path) -> bool:
     if not pid_file.exists():
         return False
     try:
-        return _process_alive(int(pid_file.read_text()))
+        return process_alive(int(pid_file.read_text()))
     except ValueError:
         return False
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process runs: it exists and is not a zombie (dead, unreaped)."""
     # A child that exited but was not yet reaped by its parent (the API
     # server, a foreground `facefed train`) still answers signal 0: it is a
     # zombie, and a zombie runs nothing.
@@ -253,9 +254,9 @@ def _stop_tree(pid: int, *, grace_s: float = 5.0) -> None:
 def _living_family(pid: int, known: set[int]) -> set[int]:
     from facefed.server.federated.deployment import _descendants
 
-    if _process_alive(pid):
+    if process_alive(pid):
         known = known | set(_descendants(pid))
-    return {member for member in known if _process_alive(member)}
+    return {member for member in known if process_alive(member)}
 
 
 def _leads_own_group(pid: int) -> bool:

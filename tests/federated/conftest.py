@@ -172,3 +172,23 @@ def faceless_site():
         return root
 
     return build
+
+
+@pytest.fixture
+def facefed_cli():
+    """Run the installed `facefed` command; returns the finished process."""
+    import subprocess
+    import sys
+
+    executable = str(Path(sys.executable).with_name("facefed"))
+
+    def run(*arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [executable, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    return run

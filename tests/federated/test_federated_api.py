@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from facefed.server.federated.runs import process_alive
+
 
 def test_bad_site_folder_is_refused_and_nothing_starts(admin_client, tmp_path):
     empty = tmp_path / "empty"
@@ -71,15 +73,6 @@ def _run_folders() -> list[Path]:
     return sorted(runs_dir().glob("*")) if runs_dir().is_dir() else []
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether a process runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def test_an_accepted_secaggplus_request_starts_a_secaggplus_run(
     admin_client, tmp_path, faceless_site
 ):
@@ -110,7 +103,7 @@ def test_an_accepted_secaggplus_request_starts_a_secaggplus_run(
             assert config["local-epochs"] == 2
             assert config["num-rounds"] == 2
         # The run really started: its process is running.
-        assert _process_alive(pid)
+        assert process_alive(pid)
     finally:
         admin_client.post(f"/v1/training/runs/{run['id']}/cancel")
         _wait_until_gone(pid)
@@ -120,11 +113,11 @@ def _wait_until_gone(pid: int, timeout_s: float = 60.0) -> None:
     import time
 
     deadline = time.monotonic() + timeout_s
-    while _process_alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         multiprocessing.active_children()  # reaps a multiprocessing child
         time.sleep(0.2)
     multiprocessing.active_children()
-    assert not _process_alive(pid)
+    assert not process_alive(pid)
 
 
 def test_a_run_started_from_the_cli_is_followed_and_cancelled_through_the_api(

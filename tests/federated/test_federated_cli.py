@@ -15,7 +15,12 @@ import pytest
 from facefed.client.federated.store import HELDOUT_DIR, site_folder_problems
 from facefed.server.federated.commands import CANCELLED_EXIT_CODE
 from facefed.server.federated.runner import read_progress
-from facefed.server.federated.runs import cancel_run, run_info, runs_dir
+from facefed.server.federated.runs import (
+    cancel_run,
+    process_alive,
+    run_info,
+    runs_dir,
+)
 from facefed.server.federated.strategy import RunLog, error_summary
 
 FACEFED = str(Path(sys.executable).with_name("facefed"))
@@ -34,16 +39,6 @@ RAY_REASON = (
     "Exception ClientAppException occurred. Message: site-a: refused the round: "
     "it would reach epsilon 12.174 at delta 1e-05, over its budget of 8.'>"
 )
-
-
-def _facefed(*arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [FACEFED, *arguments],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def _write_pairs(site: Path, rows: list[list[object]]) -> None:
@@ -96,14 +91,16 @@ def test_site_check_names_what_each_folder_lacks(sites, tmp_path):
     ]
 
 
-def test_train_refuses_unusable_sites_before_anything_starts(sites, tmp_path):
+def test_train_refuses_unusable_sites_before_anything_starts(
+    sites, tmp_path, facefed_cli
+):
     empty = tmp_path / "empty"
     empty.mkdir()
     no_photos = tmp_path / "nophotos"
     (no_photos / "someone").mkdir(parents=True)
     (no_photos / "someone" / "notes.txt").write_text("not a photo")
 
-    done = _facefed(
+    done = facefed_cli(
         "train", "--site", str(sites[0]), "--site", str(empty), "--site",
         str(no_photos), "--rounds", "1",
     )  # fmt: skip
@@ -215,16 +212,10 @@ def _descendants(pid: int) -> list[int]:
     return tree(pid)
 
 
-def _alive(pid: int) -> bool:
-    from facefed.server.federated.runs import _process_alive
-
-    return _process_alive(pid)
-
-
 @pytest.mark.slow
-def test_detached_run_returns_at_once_and_a_cancel_stops_it(sites):
+def test_detached_run_returns_at_once_and_a_cancel_stops_it(sites, facefed_cli):
     started = time.monotonic()
-    done = _facefed(
+    done = facefed_cli(
         "train", "--site", str(sites[0]), "--site", str(sites[1]), "--rounds", "30",
         "--detach",
     )  # fmt: skip
@@ -234,17 +225,17 @@ def test_detached_run_returns_at_once_and_a_cancel_stops_it(sites):
     assert f"facefed runs show {run_id}" in done.stdout
     # Thirty rounds take far longer than a start: the run goes on without it.
     pid = int((runs_dir() / run_id / "pid").read_text())
-    assert _alive(pid), (runs_dir() / run_id / "training.log").read_text()
+    assert process_alive(pid), (runs_dir() / run_id / "training.log").read_text()
     assert run_info(run_id).progress.status == "running"
     assert took < 60
 
-    cancelled = _facefed("runs", "cancel", run_id)
+    cancelled = facefed_cli("runs", "cancel", run_id)
     assert cancelled.returncode == 0, cancelled.stderr
-    assert not _alive(pid)
-    shown = json.loads(_facefed("runs", "show", run_id).stdout)
+    assert not process_alive(pid)
+    shown = json.loads(facefed_cli("runs", "show", run_id).stdout)
     assert shown["status"] == "cancelled"
     assert shown["error"] == "cancelled on request"
-    assert _facefed("runs", "cancel", run_id).returncode == 10
+    assert facefed_cli("runs", "cancel", run_id).returncode == 10
 
 
 @pytest.mark.slow
@@ -278,7 +269,7 @@ def test_foreground_train_exits_when_its_run_is_cancelled(sites):
             "cancelled on request",
         )
         assert run_info(run_id).progress.status == "cancelled"
-        left = [_describe(p) for p in family if _alive(p)]
+        left = [_describe(p) for p in family if process_alive(p)]
         assert not left
         out, err = follower.communicate(timeout=30)
     finally:
@@ -319,7 +310,7 @@ def test_cancel_through_the_api_answers_cancelled(admin_client, sites):
         "cancelled",
         "cancelled on request",
     )
-    assert not _alive(pid)
+    assert not process_alive(pid)
     # The server's child died of SIGTERM; the run still reads as cancelled.
     time.sleep(1)
     shown = admin_client.get(f"/v1/training/runs/{run_id}").json()

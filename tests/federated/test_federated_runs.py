@@ -1,9 +1,6 @@
 """Run management: publishing, promotion rules, and the train command's checks."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -114,30 +111,16 @@ def test_promote_from_the_cli_writes_the_gallery_database():
         service.close()
 
 
-def test_train_refuses_missing_site_folders(tmp_path):
-    facefed = Path(sys.executable).with_name("facefed")
-    done = subprocess.run(
-        [str(facefed), "train", "--site", str(tmp_path / "nowhere"), "--rounds", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def test_train_refuses_missing_site_folders(tmp_path, facefed_cli):
+    done = facefed_cli("train", "--site", str(tmp_path / "nowhere"), "--rounds", "1")
     assert done.returncode == 2
     assert "does not exist" in " ".join(done.stderr.split())
     assert not runs_dir().exists() or not any(runs_dir().iterdir())
 
 
-def test_train_checks_the_site_count(tmp_path):
-    facefed = Path(sys.executable).with_name("facefed")
+def test_train_checks_the_site_count(tmp_path, facefed_cli):
     (tmp_path / "a").mkdir()
-    done = subprocess.run(
-        [str(facefed), "train", "--site", str(tmp_path / "a"), "--sites", "3"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = facefed_cli("train", "--site", str(tmp_path / "a"), "--sites", "3")
     assert done.returncode == 2
     assert "--sites 3 but 1 site folders" in " ".join(done.stderr.split())
 

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -283,28 +282,20 @@ def test_secaggplus_settings_travel_in_flowers_run_config():
         TrainingConfig.from_flower({"secure-aggregation": "homomorphic"})
 
 
-def test_train_refuses_secaggplus_with_central_dp_and_starts_nothing(tmp_path):
-    import subprocess
-
+def test_train_refuses_secaggplus_with_central_dp_and_starts_nothing(
+    tmp_path, facefed_cli
+):
     from facefed.server.federated.runs import runs_dir
 
     for name in "abc":
         (tmp_path / name).mkdir()
-    facefed = Path(sys.executable).with_name("facefed")
-    done = subprocess.run(
-        [
-            str(facefed),
-            "train",
-            *[arg for name in "abc" for arg in ("--site", str(tmp_path / name))],
-            "--secure-aggregation",
-            "secaggplus",
-            "--central-dp",
-            "server-fixed",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    done = facefed_cli(
+        "train",
+        *[arg for name in "abc" for arg in ("--site", str(tmp_path / name))],
+        "--secure-aggregation",
+        "secaggplus",
+        "--central-dp",
+        "server-fixed",
     )
     assert done.returncode == 2
     assert "cannot be combined with central-dp" in " ".join(done.stderr.split())
